@@ -1,0 +1,133 @@
+"""Sharded save and load with torch.distributed.checkpoint, straight to storage.
+
+Every rank writes its own shards in parallel (local folder or s3:// through fsspec); DCP's
+coordinator writes `.metadata` once all ranks are done; then rank 0 writes `train_state.json`
+and the commit marker. With `async_save`, the state is staged to host memory and persisted by a
+background thread on a separate gloo group while training goes on; at most one save is in
+flight (a new save first waits for the previous one).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from raycpt import storage
+from raycpt.checkpoint.layout import COMMIT_MARKER, TRAIN_STATE, list_checkpoints, step_uri, to_delete
+
+
+def _writer(uri: str):
+    if storage.is_remote(uri):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        endpoint = os.environ.get("RAYCPT_S3_ENDPOINT_URL")
+        kwargs = {"endpoint_url": endpoint} if endpoint and uri.startswith("s3://") else {}
+        return FsspecWriter(uri, sync_files=False, **kwargs)
+    return dcp.FileSystemWriter(storage.local_path(uri), sync_files=True)
+
+
+def _reader(uri: str):
+    if storage.is_remote(uri):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        endpoint = os.environ.get("RAYCPT_S3_ENDPOINT_URL")
+        kwargs = {"endpoint_url": endpoint} if endpoint and uri.startswith("s3://") else {}
+        return FsspecReader(uri, **kwargs)
+    return dcp.FileSystemReader(storage.local_path(uri))
+
+
+def model_state(model: nn.Module) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model)
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def load_sharded(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load model (and optimizer) shards from a committed checkpoint; DCP reshards to any world size."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state: dict[str, Any] = {"model": model_state(model)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer_state(model, optimizer)
+    dcp.load(state, storage_reader=_reader(uri))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+class Checkpointer:
+    """Writes checkpoints of one run; `commit` callbacks run on rank 0 once a save is durable."""
+
+    def __init__(self, run_uri: str, rank: int, keep_last: int, keep_every_steps: int | None,
+                 async_save: bool, log: Callable[[str], None] = print):
+        self.run_uri = run_uri
+        self.rank = rank
+        self.keep_last = keep_last
+        self.keep_every_steps = keep_every_steps
+        self.async_save = async_save
+        self.log = log
+        self.pending: Future | None = None
+        self.pending_step: int | None = None
+        self.last_committed_step: int | None = None
+        # Background saves talk on their own group so they never interleave with training collectives.
+        self.pg = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             train_state: dict[str, Any]) -> float:
+        """Start (or do) a save of `step`; returns the seconds the training loop was blocked."""
+        t0 = time.perf_counter()
+        self.wait()
+        uri = step_uri(self.run_uri, step)
+        state = {"model": model_state(model), "optimizer": optimizer_state(model, optimizer)}
+        if self.async_save:
+            fut = dcp.async_save(state, storage_writer=_writer(uri), process_group=self.pg)
+            if not isinstance(fut, Future):  # newer torch returns a response object
+                fut = fut.upload_completion
+            self.pending, self.pending_step = fut, step
+            self._pending_state = train_state
+        else:
+            dcp.save(state, storage_writer=_writer(uri))
+            self._commit(step, train_state)
+        return time.perf_counter() - t0
+
+    def wait(self) -> float:
+        """Block until the in-flight save (if any) is durable and committed."""
+        if self.pending is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.pending.result()
+        step, state = self.pending_step, self._pending_state
+        self.pending, self.pending_step = None, None
+        self._commit(step, state)
+        return time.perf_counter() - t0
+
+    def _commit(self, step: int, train_state: dict[str, Any]) -> None:
+        # Every rank's shards are on storage once DCP returns on all ranks; the barrier makes
+        # rank 0's marker strictly later than every rank's last write.
+        if dist.is_initialized():
+            dist.barrier(group=self.pg)
+        if self.rank == 0:
+            uri = step_uri(self.run_uri, step)
+            storage.write_json(storage.join(uri, TRAIN_STATE), train_state)
+            storage.write_bytes(storage.join(uri, COMMIT_MARKER), f"{step}\n".encode())
+            self.apply_retention()
+        self.last_committed_step = step
+        self.log(f"checkpoint: step {step} committed -> {step_uri(self.run_uri, step)}")
+
+    def apply_retention(self) -> None:
+        entries = list_checkpoints(self.run_uri)
+        for e in to_delete(entries, self.keep_last, self.keep_every_steps, self.pending_step):
+            storage.remove_tree(e.uri)

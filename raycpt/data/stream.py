@@ -1,0 +1,238 @@
+"""The stream: each worker's slice of every global batch, read through Ray Data.
+
+Every training worker runs its own small Ray Data pipeline: a range of step numbers flows into
+one `BatchReader` actor that computes the plan for that step (`plan.py`, pure), keeps this
+worker's slice, and reads those rows from the Parquet shards (local or s3://) with a bounded
+cache of row groups. Ray Data runs the reads as a Ray actor task ahead of the training loop
+(`prefetch_batches`), so the loop only waits when the storage cannot keep up; no worker waits
+on another, and nothing but the global plan state is needed to resume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from raycpt import storage
+from raycpt.config import JobConfig, source_weights
+from raycpt.data.manifest import DataError, Manifest, read_manifest
+from raycpt.data.plan import BlendPlan, PlanState, SourceSpec, split_sample_id, worker_slice
+
+# Ray Data is asked for this many steps per dataset; a long run chains datasets.
+_STEPS_PER_DATASET = 10_000
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Plain values that fully determine a worker's stream (shipped to the reader actor)."""
+
+    source_names: list[str]
+    source_uris: list[str]
+    shard_paths: list[list[str]]
+    shard_rows: list[list[int]]
+    epochs: list[int | None]
+    rows_per_row_group: list[int]
+    seq_len: int
+    vocab_size: int
+    weights: list[float]
+    phases: list[tuple[int, list[float]]]
+    global_batch_size: int
+    seed: int
+    window_rows: int
+    plan_state: dict[str, Any] | None
+    rank: int
+    world_size: int
+    cache_bytes: int = 256 << 20
+
+
+def read_manifests(job: JobConfig) -> list[Manifest]:
+    return [read_manifest(s.path, key=f"data.sources[{i}].path") for i, s in enumerate(job.data.sources)]
+
+
+def build_plan(spec: StreamSpec) -> BlendPlan:
+    sources = [SourceSpec(n, tuple(r), e) for n, r, e in zip(spec.source_names, spec.shard_rows, spec.epochs)]
+    state = PlanState.from_state_dict(spec.plan_state) if spec.plan_state else None
+    return BlendPlan(sources, spec.weights, spec.global_batch_size, spec.seed, spec.window_rows,
+                     phases=spec.phases, state=state)
+
+
+def make_spec(job: JobConfig, manifests: list[Manifest], plan_state: dict[str, Any] | None,
+              rank: int, world_size: int, vocab_size: int) -> StreamSpec:
+    d = job.data
+    phases = [(p.start_step, source_weights(d, p.weights)) for p in d.phases]
+    return StreamSpec(
+        source_names=[s.name for s in d.sources],
+        source_uris=[m.uri for m in manifests],
+        shard_paths=[[f.path for f in m.train.files] for m in manifests],
+        shard_rows=[[f.rows for f in m.train.files] for m in manifests],
+        epochs=[s.epochs for s in d.sources],
+        rows_per_row_group=[m.rows_per_row_group for m in manifests],
+        seq_len=d.seq_len, vocab_size=vocab_size, weights=source_weights(d), phases=phases,
+        global_batch_size=job.train.global_batch_size, seed=job.run.seed,
+        window_rows=d.shuffle_window_rows, plan_state=plan_state, rank=rank, world_size=world_size,
+    )
+
+
+class RowGroupCache:
+    """Decoded Parquet row groups, least recently used evicted past a byte budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.used = 0
+        self.groups: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self.files: dict[tuple[int, int], pq.ParquetFile] = {}
+
+    def get(self, key: tuple[int, int, int], load) -> np.ndarray:
+        if key in self.groups:
+            self.groups.move_to_end(key)
+            return self.groups[key]
+        arr = load()
+        self.groups[key] = arr
+        self.used += arr.nbytes
+        while self.used > self.budget and len(self.groups) > 1:
+            _, old = self.groups.popitem(last=False)
+            self.used -= old.nbytes
+        return arr
+
+
+class BatchReader:
+    """Ray Data UDF (one actor per worker): step numbers in, this worker's rows out."""
+
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+        self.plan = build_plan(spec)
+        self.cache = RowGroupCache(spec.cache_bytes)
+        self.pending: dict[int, np.ndarray] = {}
+
+    def _shard(self, source: int, shard: int) -> pq.ParquetFile:
+        key = (source, shard)
+        if key not in self.cache.files:
+            uri = storage.join(self.spec.source_uris[source], self.spec.shard_paths[source][shard])
+            fs, path = storage.pyarrow_filesystem(uri)
+            try:
+                pf = storage.with_retries(lambda: pq.ParquetFile(fs.open_input_file(path)), f"opening {uri}")
+            except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
+                raise DataError(f"{uri}: unreadable Parquet shard ({type(e).__name__}: {e}); re-run prepare") from None
+            field = pf.schema_arrow.field(0) if pf.schema_arrow.names == ["input_ids"] else None
+            if field is None or getattr(field.type, "list_size", None) != self.spec.seq_len:
+                raise DataError(f"{uri}: schema {pf.schema_arrow} is not input_ids: fixed_size_list<int32>"
+                                f"[{self.spec.seq_len}]; re-run prepare")
+            self.cache.files[key] = pf
+        return self.cache.files[key]
+
+    def _row_group(self, source: int, shard: int, group: int) -> np.ndarray:
+        def load() -> np.ndarray:
+            pf = self._shard(source, shard)
+            uri = f"{self.spec.source_uris[source]}/{self.spec.shard_paths[source][shard]}"
+            try:
+                col = storage.with_retries(lambda: pf.read_row_group(group, columns=["input_ids"]).column(0),
+                                           f"reading {uri}")
+            except DataError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"{uri}: row group {group} unreadable ({type(e).__name__}: {e}); re-run prepare") from None
+            arr = col.combine_chunks().values.to_numpy().reshape(-1, self.spec.seq_len)
+            if arr.size and (int(arr.max()) >= self.spec.vocab_size or int(arr.min()) < 0):
+                raise DataError(f"{uri}: token id {int(arr.max())} outside the model's vocab "
+                                f"(size {self.spec.vocab_size}); the shards do not belong to this model")
+            return arr
+
+        return self.cache.get((source, shard, group), load)
+
+    def read_rows(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty((len(ids), self.spec.seq_len), dtype=np.int64)
+        for j, sid in enumerate(ids.tolist()):
+            source, _epoch, row = split_sample_id(sid)
+            shard, in_shard = self.plan.orders[source].locate(row)
+            rpg = self.spec.rows_per_row_group[source]
+            out[j] = self._row_group(source, shard, in_shard // rpg)[in_shard % rpg]
+        return out
+
+    def slice_for_step(self, step: int) -> np.ndarray:
+        if step < self.plan.state.step and step not in self.pending:
+            raise RuntimeError(f"step {step} requested after the plan moved past it")
+        while self.plan.state.step <= step:
+            s = self.plan.state.step
+            self.pending[s] = worker_slice(self.plan.next_batch(), self.spec.rank, self.spec.world_size)
+        return self.pending.pop(step)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        steps = batch["id"].astype(np.int64)
+        ids = [self.slice_for_step(int(s)) for s in steps]
+        rows = [self.read_rows(x) for x in ids]
+        return {"step": steps, "input_ids": np.stack(rows), "sample_ids": np.stack(ids)}
+
+
+def iter_local(spec: StreamSpec, start_step: int, end_step: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """The same stream without Ray (benchmarks and per-rank unit tests)."""
+    reader = BatchReader(spec)
+    for step in range(start_step, end_step):
+        out = reader({"id": np.array([step])})
+        yield int(out["step"][0]), out["input_ids"][0], out["sample_ids"][0]
+
+
+def iter_ray_data(spec: StreamSpec, start_step: int, end_step: int, prefetch_batches: int,
+                  reader_cpus: float) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(step, input_ids [rows, seq_len], sample_ids [rows]) for this worker, through Ray Data."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    first = start_step
+    state = spec.plan_state
+    while first < end_step:
+        last = min(end_step, first + _STEPS_PER_DATASET)
+        part_spec = StreamSpec(**{**asdict(spec), "plan_state": state})
+        ds = ray.data.range(last - first, override_num_blocks=last - first).map_batches(
+            lambda b, o=first: {"id": b["id"] + o}, batch_size=None, zero_copy_batch=True,
+        ).map_batches(BatchReader, fn_constructor_args=(part_spec,), batch_size=1, concurrency=1,
+                      num_cpus=reader_cpus, batch_format="numpy")
+        for batch in ds.iter_batches(batch_size=1, prefetch_batches=prefetch_batches, batch_format="numpy"):
+            yield int(batch["step"][0]), batch["input_ids"][0], batch["sample_ids"][0]
+        # The next dataset's reader starts from the plan state at `last`.
+        plan = build_plan(part_spec)
+        plan.skip_to(last)
+        state = plan.state.state_dict()
+        first = last
+
+
+def read_eval_rows(m: Manifest, max_rows: int) -> np.ndarray:
+    """The first `max_rows` held-out rows of a source (fixed, so every eval compares alike)."""
+    rows: list[np.ndarray] = []
+    need = max_rows
+    for f in m.eval.files:
+        if need <= 0:
+            break
+        uri = m.file_uri(f)
+        fs, path = storage.pyarrow_filesystem(uri)
+        try:
+            table = storage.with_retries(lambda: pq.read_table(path, filesystem=fs), f"reading {uri}")
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{uri}: unreadable eval shard ({type(e).__name__}: {e})") from None
+        arr = table.column(0).combine_chunks().values.to_numpy().reshape(-1, m.seq_len)[:need]
+        rows.append(arr)
+        need -= len(arr)
+    if not rows:
+        return np.zeros((0, m.seq_len), dtype=np.int64)
+    return np.concatenate(rows).astype(np.int64)
+
+
+class WaitTimer:
+    """Accumulates the time the loop spends blocked on the next batch."""
+
+    def __init__(self) -> None:
+        self.wait_s = 0.0
+
+    def next(self, it: Iterator[Any]) -> Any:
+        t = time.perf_counter()
+        try:
+            return next(it)
+        finally:
+            self.wait_s += time.perf_counter() - t

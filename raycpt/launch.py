@@ -1,0 +1,85 @@
+"""The driver side of `raycpt train`: connect to Ray, start a TorchTrainer, return its result.
+
+The Ray Train run name is the job's `run.name` and its storage is `run.storage`, so a job that is
+resubmitted (same YAML, new driver, even a new cluster) lands in the same run folder; the
+workers' start decision then finds the newest committed checkpoint there.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from raycpt import storage
+from raycpt.config import JobConfig
+
+
+def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
+    """Join the cluster named by `address`/RAY_ADDRESS, or start a local one sized for the job."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Reader and prepare tasks are I/O bound: give the local node a few logical CPUs more than
+    # the training workers hold so they always fit beside them.
+    cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": _forwarded_env()})
+
+
+def _forwarded_env() -> dict[str, str]:
+    keep = ("RAYCPT_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return {k: os.environ[k] for k in keep if k in os.environ}
+
+
+def _ray_storage(job: JobConfig) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
+    uri = job.run.storage
+    if uri.startswith("s3://") and job.run.s3_endpoint_url:
+        import pyarrow.fs as pafs
+
+        fs, path = storage.pyarrow_filesystem(uri)
+        return path, fs
+    if not storage.is_remote(uri):
+        path = storage.local_path(uri)
+        os.makedirs(path, exist_ok=True)
+        return path, None
+    return uri, None
+
+
+def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raycpt.train.loop import run_worker
+
+    lo, hi = job.worker_range()
+    num_workers: int | tuple[int, int] = lo if lo == hi else (lo, hi)
+    storage_path, fs = _ray_storage(job)
+    return TorchTrainer(
+        run_worker,
+        train_loop_config={"job": job.model_dump(mode="json"), **(loop_options or {})},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=job.scaling.use_gpu,
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if job.scaling.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=job.run.name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=job.checkpoint.max_failures),
+            # raycpt applies retention itself (never deleting the newest committed checkpoint).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+        ),
+    )
+
+
+def train(job: JobConfig, address: str | None = None, loop_options: dict[str, Any] | None = None):
+    storage.configure_storage(job.run.s3_endpoint_url)
+    lo, hi = job.worker_range()
+    connect_ray(min_cpus=hi * job.scaling.cpus_per_worker, address=address)
+    return build_trainer(job, loop_options).fit()

@@ -1,0 +1,154 @@
+"""Hugging Face models: import (GGUF -> HF folder), build on the meta device, load weights sharded.
+
+A base model is a local HF folder: config.json, *.safetensors, tokenizer files. Training builds
+the architecture on the meta device (no memory), shards it with FSDP2, allocates only each
+rank's shards, and copies each rank's part of every tensor straight from the safetensors files,
+one tensor at a time, so no rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModelError(ValueError):
+    """A base model that cannot be used; names the config key and the fix."""
+
+
+def check_base_folder(base: str) -> None:
+    if not os.path.isdir(base):
+        raise ModelError(f"model.base: {base} is not a folder; point it at an HF model folder "
+                         "(`raycpt import` makes one from a GGUF file)")
+    if not os.path.exists(os.path.join(base, "config.json")):
+        raise ModelError(f"model.base: {base} has no config.json; it is not an HF model folder")
+
+
+def load_config(base: str):
+    from transformers import AutoConfig
+
+    check_base_folder(base)
+    return AutoConfig.from_pretrained(base)
+
+
+def load_tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks (the unit of FSDP sharding and activation checkpointing)."""
+    inner = getattr(model, "model", None)
+    for holder in (inner, getattr(inner, "model", None), getattr(inner, "decoder", None), model):
+        layers = getattr(holder, "layers", None) if holder is not None else None
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ModelError(f"model.base: cannot find the decoder layers of {type(model).__name__}")
+
+
+def build_on_meta(config: Any, attn_implementation: str = "sdpa") -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                 dtype=torch.float32)
+    return model
+
+
+def reinit_nonpersistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """Rebuild buffers that are computed at construction, not stored (e.g. rotary inv_freq);
+    after `to_empty` they hold garbage."""
+    for module in model.modules():
+        names = getattr(module, "_non_persistent_buffers_set", set())
+        if not names or not hasattr(module, "config"):
+            continue
+        with torch.device(device):
+            fresh = type(module)(module.config)
+        for name in names:
+            setattr(module, name, getattr(fresh, name).to(device))
+        for attr in ("attention_scaling",):
+            if hasattr(fresh, attr):
+                setattr(module, attr, getattr(fresh, attr))
+
+
+class SafetensorsReader:
+    """Tensors of an HF folder by name, opened lazily (index or single file)."""
+
+    def __init__(self, folder: str):
+        from safetensors import safe_open
+
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        if not files:
+            raise ModelError(f"model.base: {folder} has no *.safetensors weights")
+        self.handles = [safe_open(f, framework="pt") for f in files]
+        self.where = {k: h for h in self.handles for k in h.keys()}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        h = self.where.get(name)
+        return None if h is None else h.get_tensor(name)
+
+
+def load_base_weights(model: nn.Module, folder: str) -> None:
+    """Copy each parameter's local shard from the safetensors files (DTensor-aware)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    reader = SafetensorsReader(folder)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = []
+    with torch.no_grad():
+        for name, param in model.state_dict().items():
+            full = reader.get(name)
+            if full is None and tied and name.endswith("lm_head.weight"):
+                full = reader.get(name.replace("lm_head.weight", "model.embed_tokens.weight"))
+            if full is None:
+                missing.append(name)
+                continue
+            if isinstance(param, DTensor):
+                local = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements,
+                                          src_data_rank=None).to_local()
+                param.to_local().copy_(local)
+            else:
+                param.copy_(full.to(param.dtype))
+    if missing:
+        raise ModelError(f"model.base: {folder} lacks weights for {missing[:5]} ({len(missing)} in all)")
+
+
+def import_gguf(gguf_file: str, output: str) -> str:
+    """Write an HF folder (safetensors, config, tokenizer) from a GGUF file, dequantized."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(gguf_file))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = model.config
+    # A GGUF-loaded config carries the quantization that was undone; the saved folder is plain.
+    cfg_dict = config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    plain = type(config).from_dict(cfg_dict)
+    clean = AutoModelForCausalLM.from_config(plain, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict(), strict=False)
+    if getattr(plain, "tie_word_embeddings", False):
+        clean.tie_weights()
+    os.makedirs(output, exist_ok=True)
+    clean.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+    with open(os.path.join(output, "raycpt_import.json"), "w") as f:
+        json.dump({"from_gguf": os.path.basename(gguf_file)}, f)
+    return output
+
+
+def param_count(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    seen: set[int] = set()
+    total = 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or (exclude_embeddings and "embed" in name):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

@@ -1,0 +1,46 @@
+"""`raycpt status`: what a run has durably done, read from storage alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raycpt import storage
+from raycpt.checkpoint.layout import TRAIN_STATE, list_checkpoints
+
+
+def run_status(run_uri: str) -> dict[str, Any]:
+    entries = list_checkpoints(run_uri)
+    committed = [e for e in entries if e.committed]
+    st: dict[str, Any] = {
+        "run": run_uri, "latest_step": None, "max_steps": None, "tokens_per_source": {},
+        "checkpoints": [{"step": e.step, "uri": e.uri, "committed": e.committed} for e in entries],
+        "last_eval": None, "first_eval": None, "world_size": None,
+    }
+    if committed:
+        ts = storage.read_json(storage.join(committed[-1].uri, TRAIN_STATE))
+        st.update(latest_step=ts["step"], max_steps=ts["config"]["train"]["max_steps"],
+                  tokens_per_source=ts["tokens_per_source"], world_size=ts["world_size"])
+        history = ts.get("eval_history") or []
+        if history:
+            st["first_eval"], st["last_eval"] = history[0], history[-1]
+    return st
+
+
+def format_status(st: dict[str, Any]) -> str:
+    lines = [f"run {st['run']}"]
+    if st["latest_step"] is None:
+        lines.append("  no committed checkpoint yet")
+        return "\n".join(lines)
+    lines.append(f"  latest committed step {st['latest_step']}/{st['max_steps']} (written by {st['world_size']} workers)")
+    total = sum(st["tokens_per_source"].values())
+    for name, n in st["tokens_per_source"].items():
+        lines.append(f"  tokens {name:<16} {n:>14,} ({100 * n / max(total, 1):.1f}%)")
+    lines.append("  checkpoints: " + ", ".join(f"{c['step']}{'' if c['committed'] else ' (incomplete)'}"
+                                               for c in st["checkpoints"]))
+    if st["last_eval"]:
+        first, last = st["first_eval"], st["last_eval"]
+        lines.append(f"  eval         {'step ' + str(first['step']):>12} {'step ' + str(last['step']):>12}   change")
+        for name, loss in last["loss"].items():
+            lines.append(f"  {name:<12} {first['loss'].get(name, float('nan')):>12.4f} {loss:>12.4f} "
+                         f"{loss - first['loss'].get(name, loss):>+9.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,302 @@
+"""The worker loop, run by Ray Train on every worker. Reads top to bottom:
+
+restore (automatic start decision) -> per step: batch, forward/backward with gradient
+accumulation, clip, optimizer step; then maybe report, evaluate, checkpoint; a preemption notice
+or SIGTERM saves at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raycpt import storage
+from raycpt.checkpoint.dcp import Checkpointer, load_sharded
+from raycpt.checkpoint.layout import step_uri
+from raycpt.checkpoint.resume import TRAIN_STATE_VERSION, check_resume_config, decide_start
+from raycpt.config import JobConfig, parse_job
+from raycpt.data.manifest import DataError, check_against_model, tokenizer_identity
+from raycpt.data.plan import PlanState, remap_state_by_name
+from raycpt.data.stream import (WaitTimer, build_plan, iter_local, iter_ray_data, make_spec, read_eval_rows,
+                                read_manifests)
+from raycpt.model.fsdp import build_sharded_model
+from raycpt.model.hf import load_config, load_tokenizer, param_count
+from raycpt.train.evaluate import eval_losses, forgetting
+from raycpt.train.metrics import device_peak_flops, eval_line, flops_per_token, progress_line
+from raycpt.train.optim import build_optimizer, set_lr
+from raycpt.train.schedule import lr_at
+
+
+class StopFlag:
+    """Set by SIGTERM (spot reclaim, `ray job stop`) or a Ray preemption notice; the loop saves
+    at the next step boundary and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.set("SIGTERM"))
+
+    def set(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _ray_context():
+    try:
+        import ray.train
+
+        ray.train.get_context()
+        return ray.train
+    except Exception:  # noqa: BLE001 - outside Ray Train (unit tests, torchrun)
+        return None
+
+
+def run_worker(config: dict[str, Any]) -> None:
+    """Ray Train `train_loop_per_worker`."""
+    job = parse_job(config["job"])
+    storage.configure_storage(job.run.s3_endpoint_url)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = _device()
+    ray_train = _ray_context()
+    say = (lambda msg: print(f"[raycpt] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    stop = StopFlag()
+
+    # ---- The start decision -------------------------------------------------------------------
+    decision = decide_start(job)
+    if decision.kind == "resume":
+        allowed = check_resume_config(decision.train_state["config"], job)
+        if allowed:
+            say(f"resume: intended config changes apply from here: {', '.join(allowed)}")
+        if ray_train is not None and ray_train.get_checkpoint() is not None:
+            ray_path = ray_train.get_checkpoint().path.rstrip("/")
+            if not ray_path.endswith(decision.checkpoint.uri.split("://")[-1].rstrip("/")):
+                say(f"resume: Ray's record points at {ray_path}; the newest committed checkpoint in storage wins")
+    say(decision.message)
+
+    # ---- Data and model must fit together before any step ---------------------------------------
+    model_config = load_config(job.model.base) if job.model.base else None
+    if model_config is None:
+        raise DataError("model.base: needed for the model architecture and tokenizer")
+    tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))
+    manifests = read_manifests(job)
+    problems = [p for i, m in enumerate(manifests)
+                for p in check_against_model(m, f"data.sources[{i}].path", job.data.seq_len, tok_id,
+                                             model_config.vocab_size)]
+    if problems:
+        raise DataError("the data does not fit the model:\n  " + "\n  ".join(problems))
+
+    # ---- Model, optimizer, restore ------------------------------------------------------------
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world,))
+    param_dtype = torch.bfloat16 if device.type == "cuda" and job.model.param_dtype == "bfloat16" else None
+    model = build_sharded_model(
+        model_config, mesh, device, param_dtype=param_dtype, attn_implementation=job.model.attn_implementation,
+        activation_checkpointing=job.model.activation_checkpointing, compile_blocks=job.model.compile,
+        weights_from=job.model.base if decision.kind == "fresh_base" else None,
+    )
+    optimizer = build_optimizer(model, job.optim, device)
+    if decision.checkpoint is not None:
+        load_sharded(decision.checkpoint.uri, model, optimizer if decision.load_optimizer else None)
+
+    source_names = [s.name for s in job.data.sources]
+    if decision.kind == "resume":
+        ts = decision.train_state
+        step = int(ts["step"])
+        if ts["source_names"] != source_names or "data.sources" in job.resume.allow_changes:
+            plan_state = remap_state_by_name(ts["data"], ts["source_names"], source_names).state_dict()
+        else:
+            plan_state = ts["data"]
+        eval_history: list[dict[str, Any]] = ts.get("eval_history", [])
+        torch.set_rng_state(torch.tensor(ts["rng"]["torch"], dtype=torch.uint8))
+        if ts["world_size"] != world:
+            say(f"resume: {ts['world_size']} workers wrote this checkpoint, {world} load it (resharded)")
+    else:
+        step, plan_state, eval_history = 0, None, []
+        torch.manual_seed(job.run.seed)
+
+    # ---- The stream of this worker's slices ---------------------------------------------------
+    rows_per_worker = job.train.global_batch_size // world
+    micro = job.train.micro_batch_size
+    if rows_per_worker % micro:
+        raise ValueError(f"train.global_batch_size {job.train.global_batch_size} / {world} workers is not a "
+                         f"multiple of train.micro_batch_size {micro}")
+    accum = rows_per_worker // micro
+    spec = make_spec(job, manifests, plan_state, rank, world, model_config.vocab_size)
+    plan = build_plan(spec)  # lock-step copy: tokens per source and the checkpointed position
+    if config.get("local_stream"):
+        batches = iter_local(spec, step, job.train.max_steps)
+    else:
+        batches = iter_ray_data(spec, step, job.train.max_steps, job.data.prefetch_batches, job.data.reader_cpus)
+    eval_rows = {s.name: read_eval_rows(m, job.eval.max_rows) for s, m in zip(job.data.sources, manifests)}
+    if rank == 0 and not any(len(r) for r in eval_rows.values()):
+        say("eval: no held-out rows in any source (prepare with --eval-fraction); evaluation is off")
+
+    checkpointer = Checkpointer(job.run_uri, rank, job.checkpoint.keep_last, job.checkpoint.keep_every_steps,
+                                job.checkpoint.async_save, say)
+    n_params = param_count(model)
+    flops_tok = flops_per_token(n_params, model_config.num_hidden_layers, model_config.hidden_size, job.data.seq_len)
+    peak = device_peak_flops(device)
+    timer = WaitTimer()
+    sample_log: list[dict[str, Any]] = []
+
+    def train_state() -> dict[str, Any]:
+        return {
+            "format_version": TRAIN_STATE_VERSION, "step": step, "data": plan.state.state_dict(),
+            "source_names": source_names, "tokens_per_source": plan.tokens_per_source(job.data.seq_len),
+            "config": job.model_dump(mode="json"), "config_fingerprint": job.fingerprint(), "world_size": world,
+            "rng": {"torch": torch.get_rng_state().tolist()}, "eval_history": eval_history,
+            "versions": {"torch": torch.__version__}, "wall_time": time.time(),
+        }
+
+    def evaluate() -> None:
+        losses = eval_losses(model, eval_rows, rank, world, micro, device)
+        if not losses:
+            return
+        base = eval_history[0]["loss"] if eval_history else losses
+        replay = [s.name for s in job.data.sources if s.role == "replay"]
+        record = {"step": step, "loss": losses, "forgetting": {k: v for k, v in forgetting(losses, base).items()
+                                                                 if k in replay}}
+        eval_history.append(record)
+        say(eval_line(step, losses, base))
+        if rank == 0:
+            storage.write_json(storage.join(job.run_uri, "metrics", "eval.json"), eval_history)
+
+    def save(reason: str) -> float:
+        stall = checkpointer.save(step, model, optimizer, train_state())
+        say(f"checkpoint: step {step} ({reason}) saving, loop blocked {stall:.2f}s")
+        return stall
+
+    if not eval_history:
+        evaluate()
+
+    # ---- The loop --------------------------------------------------------------------------------
+    say(f"training: {n_params / 1e6:.1f}M params on {world} {device.type} worker(s), global batch "
+        f"{job.train.global_batch_size} x {job.data.seq_len} tokens, accum {accum}, steps {step}->{job.train.max_steps}")
+    window_t0, window_wait0, window_steps, ckpt_stall = time.perf_counter(), timer.wait_s, 0, 0.0
+    while step < job.train.max_steps:
+        lr = lr_at(step, job.optim, job.train.max_steps)
+        set_lr(optimizer, lr)
+        data_step, input_ids, sample_ids = timer.next(batches)
+        if data_step != step:
+            raise RuntimeError(f"data stream at step {data_step}, training at {step}")
+        plan.next_batch()
+
+        loss_sum = torch.zeros((), device=device)
+        for i in range(accum):
+            x = torch.as_tensor(input_ids[i * micro:(i + 1) * micro], dtype=torch.long).to(device, non_blocking=True)
+            model.set_requires_gradient_sync(i == accum - 1)
+            loss = model(input_ids=x, labels=x).loss
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        if job.train.grad_clip_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+
+        if config.get("log_sample_ids"):
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, sample_ids.tolist())
+            if rank == 0:
+                sample_log.append({"step": step - 1, "ids": [i for part in gathered for i in part]})
+
+        # -- report
+        if step % job.train.log_interval_steps == 0 or step == job.train.max_steps:
+            mean_loss = loss_sum / accum
+            dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
+            if device.type != "cuda":
+                mean_loss /= world
+            elapsed = time.perf_counter() - window_t0
+            tokens = window_steps * job.train.global_batch_size * job.data.seq_len
+            tps = tokens / max(elapsed, 1e-9)
+            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            metrics = {
+                "step": step, "max_steps": job.train.max_steps, "loss": float(mean_loss), "lr": lr,
+                "grad_norm": float(gn), "tokens_per_s": tps,
+                "mfu": (tps * flops_tok / (peak * world)) if peak else None,
+                "data_wait_share": (timer.wait_s - window_wait0) / max(elapsed, 1e-9),
+                "checkpoint_stall_s": ckpt_stall,
+                "eta_s": (job.train.max_steps - step) * elapsed / window_steps,
+                **{f"tokens/{k}": v for k, v in plan.tokens_per_source(job.data.seq_len).items()},
+            }
+            say(progress_line(metrics))
+            if ray_train is not None:
+                ray_train.report({k: v for k, v in metrics.items() if v is not None})
+            window_t0, window_wait0, window_steps, ckpt_stall = time.perf_counter(), timer.wait_s, 0, 0.0
+
+        # -- evaluate
+        if (job.eval.interval_steps and step % job.eval.interval_steps == 0) or step == job.train.max_steps:
+            evaluate()
+
+        # -- preemption notice or SIGTERM (a barrier across workers, so only every few steps)
+        stop_now = False
+        if step % job.train.preemption_poll_steps == 0 or step == job.train.max_steps:
+            if ray_train is not None and ray_train.get_preemption_info() is not None:
+                stop.set("preemption notice")
+            stop_now = _agree(stop.reason is not None, device) and step < job.train.max_steps
+
+        # -- checkpoint
+        if step % job.checkpoint.interval_steps == 0 or step == job.train.max_steps or stop_now:
+            reason = stop.reason or ("final" if step == job.train.max_steps else "interval")
+            ckpt_stall += save(reason)
+            if config.get("log_sample_ids") and rank == 0:
+                _append_sample_log(job.run_uri, sample_log)
+                sample_log.clear()
+        if stop_now:
+            checkpointer.wait()
+            say(f"stopping at step {step}: {stop.reason or 'stop requested by another worker'}; checkpoint committed")
+            break
+
+    checkpointer.wait()
+    if ray_train is not None and checkpointer.last_committed_step is not None:
+        _report_checkpoint(ray_train, job, checkpointer.last_committed_step, train_state())
+    say(f"done at step {step}; tokens per source: {json.dumps(plan.tokens_per_source(job.data.seq_len))}")
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank when any rank wants to stop (one tiny all-reduce per step)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _append_sample_log(run_uri: str, entries: list[dict[str, Any]]) -> None:
+    """Audit log of the sample ids trained per step (tests of resume equivalence read it)."""
+    if not entries:
+        return
+    name = f"steps-{entries[0]['step']:08d}-{entries[-1]['step']:08d}.json"
+    storage.write_json(storage.join(run_uri, "samples", name), entries)
+
+
+def _report_checkpoint(ray_train, job: JobConfig, step: int, state: dict[str, Any]) -> None:
+    """Tell Ray Train about the committed checkpoint (it lives under Ray's run folder already)."""
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    uri = step_uri(job.run_uri, step)
+    try:
+        fs = ray_train.get_context().get_storage().storage_filesystem
+        path = uri.split("://", 1)[-1] if storage.is_remote(uri) else storage.local_path(uri)
+        ray_train.report({"step": step, "tokens": sum(state["tokens_per_source"].values())},
+                         checkpoint=Checkpoint(path=path, filesystem=fs),
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+    except ValueError as e:  # storage laid out differently from Ray's run folder: storage still wins
+        print(f"[raycpt] Ray checkpoint record skipped: {e}", flush=True)
