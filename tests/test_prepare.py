@@ -89,3 +89,15 @@ def test_manifest_is_checked_against_the_model(prepared_sources, tokenizer_dir, 
     assert any("data.seq_len" in p for p in problems)
     assert any("differs from the model's tokenizer" in p for p in problems)
     assert any("exceeds the model's" in p for p in problems)
+
+
+def test_caches_and_binary_files_are_not_documents(tmp_path, tokenizer_dir, ray_local):
+    root = tmp_path / "tree"
+    (root / "__pycache__").mkdir(parents=True)
+    (root / "a.py").write_text("def f(x):\n    return x + 1\n" * 40)
+    (root / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\x00\x01garbage" * 100)
+    (root / "blob.dat").write_bytes(b"\x00" * 100 + b"text" * 100)
+    m = prepare(PrepareOptions(inputs=(str(root),), tokenizer_dir=tokenizer_dir, seq_len=16,
+                               output=str(tmp_path / "o")), log=lambda m: None)
+    assert m["source_files"] == 2  # a.py and blob.dat; the cache folder is skipped
+    assert m["documents"] == 1  # blob.dat holds NUL bytes: not text

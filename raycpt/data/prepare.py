@@ -64,12 +64,24 @@ def expand_inputs(inputs: tuple[str, ...] | list[str]) -> list[tuple[str, int]]:
         except Exception as e:  # noqa: BLE001 - storage errors get a clear message
             raise DataError(f"--input {item}: cannot be listed ({type(e).__name__}: {e})") from None
         for p, info in matches.items():
-            if info.get("type") == "directory" or os.path.basename(p).startswith("."):
+            if info.get("type") == "directory" or _skipped(p):
                 continue
             found[prefix + p] = int(info.get("size") or 0)
     if not found:
         raise DataError(f"--input {' '.join(inputs)}: no files found")
     return sorted(found.items())
+
+
+_SKIP_DIRS = ("__pycache__", ".git", ".ipynb_checkpoints")
+_BINARY_SUFFIXES = (".pyc", ".pyo", ".so", ".o", ".a", ".zip", ".gz", ".bz2", ".xz", ".zst", ".png", ".jpg",
+                    ".jpeg", ".gif", ".pdf", ".exe", ".dll", ".bin", ".pt", ".safetensors", ".gguf")
+
+
+def _skipped(path: str) -> bool:
+    """Hidden files, caches and known binary formats are never text."""
+    parts = path.replace("\\", "/").split("/")
+    return (parts[-1].startswith(".") or any(p in _SKIP_DIRS for p in parts)
+            or path.lower().endswith(_BINARY_SUFFIXES))
 
 
 def group_files(files: list[tuple[str, int]], group_bytes: int) -> list[list[str]]:
@@ -111,7 +123,10 @@ def iter_documents(uri: str, text_column: str) -> Iterator[str]:
                         yield str(doc[text_column])
         else:
             with fs.open(path, "rb") as f:
-                text = f.read().decode("utf-8", errors="replace")
+                data = f.read()
+            if b"\x00" in data[:8192]:
+                return  # a binary file among the text: not a document
+            text = data.decode("utf-8", errors="replace")
             if text.strip():
                 yield text
     except DataError:
