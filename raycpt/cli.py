@@ -78,6 +78,20 @@ def _cmd_schedule(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_data(a: argparse.Namespace) -> int:
+    from raycpt.bench import bench_data
+    from raycpt.launch import connect_ray
+
+    if a.path == "ray":
+        connect_ray(address=a.address)
+    r = bench_data(a.source, a.steps, a.global_batch_size, a.workers, path=a.path,
+                   window_rows=a.shuffle_window_rows, s3_endpoint_url=a.s3_endpoint_url)
+    print(f"stream ({a.path}) per worker of {a.workers}: {r['tokens_per_s']:,.0f} tokens/s | next batch median "
+          f"{r['next_batch_median_ms']:.2f} ms, p99 {r['next_batch_p99_ms']:.2f} ms | first batch "
+          f"{r['first_batch_s']:.2f} s | {r['tokens_per_step_per_worker']:,.0f} tokens per step per worker")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from raycpt.demo import run_demo
 
@@ -128,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.add_argument("--points", type=int, default=21)
     s.set_defaults(fn=_cmd_schedule)
+
+    s = sub.add_parser("bench", help="benchmarks: `bench data` (the stream)")
+    bench = s.add_subparsers(dest="what", required=True)
+    b = bench.add_parser("data", help="tokens/s and next-batch latency of one worker's stream")
+    b.add_argument("--source", nargs="+", required=True, help="prepared source folders or s3:// URIs")
+    b.add_argument("--steps", type=int, default=200)
+    b.add_argument("--global-batch-size", type=int, default=64)
+    b.add_argument("--workers", type=int, default=1, help="the stream of rank 0 of this many workers")
+    b.add_argument("--shuffle-window-rows", type=int, default=1024)
+    b.add_argument("--path", choices=("ray", "local"), default="ray", help="through Ray Data, or in-process")
+    b.add_argument("--s3-endpoint-url", default=None)
+    b.add_argument("--address", default=None)
+    b.set_defaults(fn=_cmd_bench_data)
 
     s = sub.add_parser("demo", help="continue SmolLM2-135M on Python source with English replay, on CPU")
     s.add_argument("--workdir", default=os.environ.get("RAYCPT_DEMO_DIR", ".raycpt-demo"))

@@ -27,7 +27,7 @@ def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
     # Reader and prepare tasks are I/O bound: give the local node a few logical CPUs more than
     # the training workers hold so they always fit beside them.
     cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=cpus, log_to_driver=True,
              runtime_env={"env_vars": _forwarded_env()})
 
 

@@ -1,0 +1,109 @@
+"""End to end: `ray start --head` + a worker node, `ray job submit` of a demo-sized job, `ray job
+stop` mid-run, a killed worker node, resubmission; the run resumes from its committed step and
+finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_job_tree
+from raycpt.checkpoint.layout import latest_committed
+from raycpt.config import parse_job
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, timeout: float = 120, check: bool = True, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout,
+                          check=check, env=env)
+
+
+@pytest.fixture()
+def cluster(tmp_path):
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
+    # A separate temp dir keeps this cluster apart from the tests' in-process Ray.
+    head = _ray("start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}", env=env)
+    address = f"127.0.0.1:{port}"
+    worker = subprocess.Popen([str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=2", "--block"],
+                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env, "worker": worker,
+               "head_log": head.stdout}
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+        _ray("stop", "--force", check=False, env=env)
+
+
+def _submit(cluster, job_yaml: Path, job_id: str) -> None:
+    _ray("job", "submit", f"--address={cluster['dashboard']}", f"--submission-id={job_id}", "--no-wait",
+         "--working-dir", str(REPO), "--", sys.executable, "-m", "raycpt.cli", "train", str(job_yaml),
+         env=cluster["env"])
+
+
+def _status(cluster, job_id: str) -> str:
+    out = _ray("job", "status", f"--address={cluster['dashboard']}", job_id, env=cluster["env"]).stdout
+    for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+        if s in out:
+            return s
+    return out
+
+
+def _logs(cluster, job_id: str) -> str:
+    return _ray("job", "logs", f"--address={cluster['dashboard']}", job_id, env=cluster["env"], check=False).stdout
+
+
+def test_submit_stop_kill_node_resubmit_resumes_and_finishes(cluster, tmp_path, tiny_model, prepared_sources):
+    tree = tiny_job_tree(str(tmp_path / "runs"), tiny_model, prepared_sources, run={"name": "submitted"},
+                         train={"max_steps": 10}, checkpoint={"interval_steps": 2, "max_failures": 3})
+    job_yaml = tmp_path / "job.yaml"
+    job_yaml.write_text(yaml.safe_dump(tree))
+    run_uri = parse_job(tree).run_uri
+
+    _submit(cluster, job_yaml, "cpt-1")
+    t0 = time.time()
+    while (latest_committed(run_uri) is None or latest_committed(run_uri).step < 2) and time.time() - t0 < 300:
+        assert _status(cluster, "cpt-1") in ("RUNNING", "PENDING"), _logs(cluster, "cpt-1")[-3000:]
+        time.sleep(1)
+    stopped_at = latest_committed(run_uri).step
+    _ray("job", "stop", f"--address={cluster['dashboard']}", "cpt-1", env=cluster["env"])
+    assert stopped_at < 10
+
+    # The worker node goes away too (a reclaimed spot node).
+    os.killpg(cluster["worker"].pid, signal.SIGKILL)
+    cluster["worker"].wait()
+
+    _submit(cluster, job_yaml, "cpt-2")
+    t0 = time.time()
+    while _status(cluster, "cpt-2") in ("RUNNING", "PENDING") and time.time() - t0 < 400:
+        time.sleep(2)
+    logs = _logs(cluster, "cpt-2")
+    assert _status(cluster, "cpt-2") == "SUCCEEDED", logs[-4000:]
+    committed_before = stopped_at
+    assert "resuming step" in logs
+    resumed_from = int(logs.split("resuming step ", 1)[1].split()[0])
+    assert resumed_from >= committed_before
+    assert latest_committed(run_uri).step == 10
+    st = json.loads(subprocess.run([sys.executable, "-m", "raycpt.cli", "status", run_uri, "--json"],
+                                   capture_output=True, text=True, check=True).stdout)
+    assert st["latest_step"] == 10 and sum(st["tokens_per_source"].values()) == 10 * 8 * 64
