@@ -71,10 +71,9 @@ def this_node_id() -> str:
         ray.shutdown()
 
 
-def drain(node_id: str, deadline_s: int, message: str) -> int:
-    cmd = ["ray", "drain-node", "--node-id", node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-           "--reason-message", message, "--deadline-remaining-seconds", str(deadline_s)]
-    return subprocess.run(cmd, check=False).returncode
+def drain_command(node_id: str, deadline_s: int, message: str) -> list[str]:
+    return ["ray", "drain-node", "--node-id", node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message", message, "--deadline-remaining-seconds", str(deadline_s)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,15 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         print("spot_watch: another watcher runs on this node", flush=True)
         return 0
 
-    token, token_at = "", 0.0
+    token, token_at = "", None  # IMDSv2 session token, renewed hourly (it lives 6 h)
     while True:
         try:
-            if time.monotonic() - token_at > 3600:
+            if token_at is None or time.monotonic() - token_at > 3600:
                 token, token_at = _imds_token(timeout_s=2.0), time.monotonic()
             notice = poll_notice(token)
-        except (OSError, ValueError) as e:  # IMDS hiccup: keep watching
+        except (OSError, ValueError) as e:  # IMDS hiccup (HTTPError is an OSError): keep watching
             print(f"spot_watch: metadata poll failed: {e}", flush=True)
-            token_at = 0.0
+            token_at = None
             notice = None
         if notice is not None:
             break
@@ -107,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     deadline = drain_deadline_s(notice, dt.datetime.now(dt.timezone.utc), a.margin_s)
     print(f"spot_watch: interruption notice {notice}; draining with a {deadline} s deadline", flush=True)
-    rc = drain(this_node_id(), deadline, f"EC2 spot interruption at {notice.get('time')}")
-    return rc
+    cmd = drain_command(this_node_id(), deadline, f"EC2 spot interruption at {notice.get('time')}")
+    return subprocess.run(cmd, check=False).returncode
 
 
 if __name__ == "__main__":

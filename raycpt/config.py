@@ -39,7 +39,7 @@ class RunConfig(_Section):
         description="Where runs live: a local path, file:// or s3:// URI. The run folder is "
         "<storage>/<name>."
     )
-    seed: int = Field(0, description="Seed of the data order and of model init where one is needed.")
+    seed: int = Field(0, ge=0, description="Seed of the data order and of model init where one is needed.")
     s3_endpoint_url: str | None = Field(
         None,
         description="Endpoint of an S3-compatible store (MinIO, GCS interop, a test server); "

@@ -78,8 +78,46 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None):
     )
 
 
+def preflight(job: JobConfig) -> str:
+    """What can be known before any worker starts: the start decision, a refused config change,
+    shards that do not fit the model. Raises with the key to fix; returns the start message."""
+    import os
+
+    from raycpt.checkpoint.resume import check_resume_config, decide_start
+    from raycpt.data.manifest import DataError, check_against_model, tokenizer_identity
+    from raycpt.data.stream import read_manifests
+    from raycpt.model.hf import load_config, load_tokenizer
+
+    decision = decide_start(job)
+    if decision.kind == "resume":
+        check_resume_config(decision.train_state["config"], job)
+    if job.model.base and os.path.isdir(job.model.base):  # on a cluster the folder may live on workers only
+        config = load_config(job.model.base)
+        tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))
+        problems = [p for i, m in enumerate(read_manifests(job))
+                    for p in check_against_model(m, f"data.sources[{i}].path", job.data.seq_len, tok_id,
+                                                 config.vocab_size)]
+        if problems:
+            raise DataError("the data does not fit the model:\n  " + "\n  ".join(problems))
+    return decision.message
+
+
 def train(job: JobConfig, address: str | None = None, loop_options: dict[str, Any] | None = None):
+    """Run the job to the end (or its failure); returns Ray Train's Result."""
+    import ray.train
+
     storage.configure_storage(job.run.s3_endpoint_url)
+    print(f"raycpt: {preflight(job)}", flush=True)
     lo, hi = job.worker_range()
     connect_ray(min_cpus=hi * job.scaling.cpus_per_worker, address=address)
-    return build_trainer(job, loop_options).fit()
+    try:
+        return build_trainer(job, loop_options).fit()
+    except ray.train.TrainingFailedError as e:
+        return _FailedResult(e)
+
+
+class _FailedResult:
+    """fit() raised: the same shape as a Result with its error set."""
+
+    def __init__(self, error: BaseException):
+        self.error = error

@@ -32,30 +32,66 @@ def _free_port() -> int:
 
 
 def _ray(*args: str, timeout: float = 120, check: bool = True, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout,
-                          check=check, env=env)
+    proc = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode:
+        raise AssertionError(f"ray {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
 
 
 @pytest.fixture()
-def cluster(tmp_path):
+def cluster():
+    """Head and worker node as process groups of our own, so teardown never touches other Ray
+    instances on the machine (`ray stop` would stop them all)."""
+    import shutil
+    import tempfile
+
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray")}
-    # A separate temp dir keeps this cluster apart from the tests' in-process Ray.
-    head = _ray("start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}", env=env)
+    tmp = tempfile.mkdtemp(prefix="rcpt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": tmp}
     address = f"127.0.0.1:{port}"
-    worker = subprocess.Popen([str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=2", "--block"],
-                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nodes = [subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                               "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
+                               f"--temp-dir={tmp}", "--block"], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env, "worker": worker,
-               "head_log": head.stdout}
+        t0 = time.time()
+        while _ray("job", "list", f"--address=http://127.0.0.1:{dash}", check=False, env=env).returncode != 0:
+            assert time.time() - t0 < 90 and nodes[0].poll() is None, "the head node did not start"
+            time.sleep(1)
+        nodes.append(subprocess.Popen([str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=2", "--block"],
+                                      env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env, "worker": nodes[1]}
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-        _ray("stop", "--force", check=False, env=env)
+        for node in reversed(nodes):
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGTERM)
+        for node in reversed(nodes):
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _submit(cluster, job_yaml: Path, job_id: str) -> None:
+    t0 = time.time()
+    while "No available agent" in (probe := _ray("job", "list", f"--address={cluster['dashboard']}", check=False,
+                                                  env=cluster["env"])).stdout + probe.stderr or probe.returncode:
+        assert time.time() - t0 < 60, probe.stderr[-2000:]
+        time.sleep(1)
+    for attempt in range(30):  # the job agent may come up a little after the dashboard
+        proc = _ray("job", "submit", f"--address={cluster['dashboard']}", f"--submission-id={job_id}", "--no-wait",
+                    "--working-dir", str(REPO), "--", sys.executable, "-m", "raycpt.cli", "train", str(job_yaml),
+                    env=cluster["env"], check=False)
+        if proc.returncode == 0:
+            return
+        assert "No available agent" in proc.stderr, proc.stderr[-3000:]
+        time.sleep(2)
+    raise AssertionError("the job agent never came up")
+
+
+def _unused_submit(cluster, job_yaml: Path, job_id: str) -> None:
     _ray("job", "submit", f"--address={cluster['dashboard']}", f"--submission-id={job_id}", "--no-wait",
          "--working-dir", str(REPO), "--", sys.executable, "-m", "raycpt.cli", "train", str(job_yaml),
          env=cluster["env"])

@@ -6,9 +6,8 @@ any number of workers reads exactly what an uninterrupted run reads.
 
 Proportions: before each batch every active source s has a cumulative target
 ``T_s = C_s(seg) + G * (b + 1 - seg) * p_s`` (seg: the step where the current weights began).
-The batch gives each source ``floor`` of its deficit ``T_s - C_s`` and hands the remaining slots
-to the largest fractional remainders, so a source's count never drifts more than one sample from
-its target, however long the run (largest remainder on cumulative targets).
+The batch hands out its slots one at a time by the quota method (`apportion`), so a source's
+count stays less than one sample from its target after every batch, however long the run.
 
 Order inside a source: epoch e visits the source's shards in a seeded order, and rows inside
 consecutive windows of `shuffle_window_rows` in a seeded order, so every row appears once per
@@ -17,6 +16,7 @@ epoch and a reader only ever needs one window's row groups at a time.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -29,7 +29,9 @@ _EPOCH_BITS = 15
 
 
 def sample_id(source: int, epoch: int, row: int) -> int:
-    return (source << (_ROW_BITS + _EPOCH_BITS)) | (epoch << _ROW_BITS) | row
+    # The epoch wraps (a tiny source cycled for long) instead of spilling into the source bits,
+    # which the reader uses to find the row.
+    return (source << (_ROW_BITS + _EPOCH_BITS)) | ((epoch & ((1 << _EPOCH_BITS) - 1)) << _ROW_BITS) | row
 
 
 def split_sample_id(sid: int) -> tuple[int, int, int]:
@@ -52,12 +54,17 @@ class SourceSpec:
 
 
 class SourceOrder:
-    """Row order of one source: row_at(k) is the k-th row drawn from it (epochs follow on)."""
+    """Row order of one source: row_at(k) is the k-th row drawn from it (epochs follow on).
+
+    The order is seeded by the source's name, not its index, so a resume that adds, drops or
+    reorders sources (`remap_state_by_name`) continues each source's epoch in the same order.
+    """
 
     def __init__(self, spec: SourceSpec, source_index: int, seed: int, window_rows: int):
         self.spec = spec
         self.index = source_index
         self.seed = seed
+        self._key = int.from_bytes(hashlib.sha256(spec.name.encode()).digest()[:8], "little")
         self.window = window_rows
         self.rows = spec.rows
         self._starts = np.concatenate([[0], np.cumsum(spec.shard_rows)])
@@ -66,7 +73,7 @@ class SourceOrder:
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if epoch not in self._epoch_cache:
-            rng = np.random.default_rng([self.seed, self.index, epoch, 0])
+            rng = np.random.default_rng([self.seed, self._key, epoch, 0])
             perm = rng.permutation(len(self.spec.shard_rows))
             sizes = np.asarray(self.spec.shard_rows)[perm]
             self._epoch_cache[epoch] = (perm, np.concatenate([[0], np.cumsum(sizes)]), sizes)
@@ -77,7 +84,7 @@ class SourceOrder:
     def _window_perm(self, epoch: int, w: int, size: int) -> np.ndarray:
         key = (epoch, w)
         if key not in self._window_cache:
-            rng = np.random.default_rng([self.seed, self.index, epoch, 1, w])
+            rng = np.random.default_rng([self.seed, self._key, epoch, 1, w])
             self._window_cache[key] = rng.permutation(size)
             while len(self._window_cache) > 4:
                 self._window_cache.popitem(last=False)
@@ -124,23 +131,37 @@ class PlanState:
                    segment_weights=None if d["segment_weights"] is None else [float(w) for w in d["segment_weights"]])
 
 
-def apportion(deficits: Sequence[float], total: int, caps: Sequence[int]) -> list[int]:
-    """Split `total` slots by largest remainder of the deficits, never above a source's cap."""
+def apportion(deficits: Sequence[float], total: int, caps: Sequence[int],
+              weights: Sequence[float] | None = None) -> list[int]:
+    """Split `total` slots among sources, one slot at a time, by the quota method.
+
+    `deficits[i]` is source i's cumulative target at the end of these `total` slots minus what it
+    has drawn so far, `weights[i]` its share of every slot (default: the deficits' proportions) and
+    `caps[i]` the most it may get. Each slot goes, among the sources that the slot would not put a
+    full sample ahead of their target, to the one that would fall a full sample behind first
+    (earliest deadline; ties to the lower index). This is Balinski & Young's quota method: it is
+    house monotone and keeps every source within one sample of its cumulative target after every
+    slot, so also at every batch boundary. Largest remainder per batch does not: it can hand a
+    small source a slot early (its remainder is large) and later has to take a slot back from a
+    big one, which then falls more than one sample behind (Alabama paradox).
+    """
     n = len(deficits)
-    counts = [min(max(int(np.floor(d)), 0), c) for d, c in zip(deficits, caps)]
-    left = total - sum(counts)
-    while left < 0:  # floors over-allocated (sources far above target): take from the most ahead
-        i = min((i for i in range(n) if counts[i] > 0), key=lambda i: (deficits[i] - counts[i], -i))
-        counts[i] -= 1
-        left += 1
-    # Hand out the rest by largest remainder; ties go to the lower source index.
-    while left > 0:
-        open_ = [i for i in range(n) if counts[i] < caps[i]]
+    if weights is None:
+        pos = [max(float(d), 0.0) for d in deficits]
+        weights = [d / sum(pos) for d in pos] if sum(pos) > 0 else [0.0] * n
+    counts = [0] * n
+    live = [i for i in range(n) if weights[i] > 0 and caps[i] > 0]
+    for j in range(total):
+        later = total - 1 - j  # slots of this call still to come after slot j
+        open_ = [i for i in live if counts[i] < caps[i]]
         if not open_:
             break
-        i = max(open_, key=lambda i: (deficits[i] - counts[i], -i))
+        # Released: one more would stay below target + 1 at the end of slot j (1e-9: float slack).
+        released = [i for i in open_ if counts[i] < deficits[i] - weights[i] * later + 1e-9]
+        # Exact arithmetic always releases a source; with a cap hit, fill from the most behind.
+        pick_from = released or open_
+        i = min(pick_from, key=lambda i: ((counts[i] + 1 - deficits[i]) / weights[i], i))
         counts[i] += 1
-        left -= 1
     return counts
 
 
@@ -194,9 +215,10 @@ class BlendPlan:
         elapsed = st.step + 1 - st.segment_start_step
         targets = [c0 + self.G * elapsed * w for c0, w in zip(st.segment_start_counts, ws)]
         deficits = [t - c if w > 0 else -1.0 for t, c, w in zip(targets, st.counts, ws)]
-        caps = [self.G if cap is None else max(0, min(self.G, cap)) if w > 0 else 0
+        # A source without weight in force is never drawn, even to fill a batch.
+        caps = [0 if w <= 0 else self.G if cap is None else max(0, min(self.G, cap))
                 for cap, w in zip(self._caps(), ws)]
-        per_source = apportion(deficits, self.G, caps)
+        per_source = apportion(deficits, self.G, caps, ws)
         if sum(per_source) < self.G:
             raise DataExhausted(f"step {st.step}: the sources ran out of rows for a full global batch "
                                 "(data.sources[*].epochs); raise epochs or lower train.max_steps")

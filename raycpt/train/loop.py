@@ -196,6 +196,7 @@ def run_worker(config: dict[str, Any]) -> None:
     say(f"training: {n_params / 1e6:.1f}M params on {world} {device.type} worker(s), global batch "
         f"{job.train.global_batch_size} x {job.data.seq_len} tokens, accum {accum}, steps {step}->{job.train.max_steps}")
     window_t0, window_wait0, window_steps, ckpt_stall = time.perf_counter(), timer.wait_s, 0, 0.0
+    preemption_saved = False
     while step < job.train.max_steps:
         lr = lr_at(step, job.optim, job.train.max_steps)
         set_lr(optimizer, lr)
@@ -257,8 +258,9 @@ def run_worker(config: dict[str, Any]) -> None:
         # -- preemption notice or SIGTERM (a barrier across workers, so only every few steps)
         stop_now = False
         if step % job.train.preemption_poll_steps == 0 or step == job.train.max_steps:
-            if ray_train is not None and ray_train.get_preemption_info() is not None:
+            if ray_train is not None and ray_train.get_preemption_info() is not None and not preemption_saved:
                 stop.set("preemption notice")
+                preemption_saved = True  # one just-in-time save per notice
             stop_now = _agree(stop.reason is not None, device) and step < job.train.max_steps
 
         # -- checkpoint
@@ -270,8 +272,15 @@ def run_worker(config: dict[str, Any]) -> None:
                 sample_log.clear()
         if stop_now:
             checkpointer.wait()
-            say(f"stopping at step {step}: {stop.reason or 'stop requested by another worker'}; checkpoint committed")
-            break
+            if stop.reason == "preemption notice":
+                # Ray's advice: save just in time and keep training; when the node goes, Ray Train
+                # restarts the group and the run resumes from this checkpoint.
+                say(f"preemption notice at step {step}: checkpoint committed, training on")
+                stop.reason = None
+                continue
+            # Raise rather than return: a returning run counts as finished for Ray Train and RayJob.
+            raise RuntimeError(f"stopped at step {step} by {stop.reason or 'another worker'}; "
+                               "checkpoint committed, resubmit the job to resume")
 
     checkpointer.wait()
     if ray_train is not None and checkpointer.last_committed_step is not None:
