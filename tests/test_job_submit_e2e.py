@@ -31,6 +31,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _agent_ports() -> list[str]:
+    # Another Ray on this machine (the tests' in-process one) holds the default agent ports.
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+            f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
+
+
 def _ray(*args: str, timeout: float = 120, check: bool = True, env=None) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode:
@@ -51,6 +58,7 @@ def cluster():
     address = f"127.0.0.1:{port}"
     nodes = [subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
                                "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
+                               *_agent_ports(),
                                f"--temp-dir={tmp}", "--block"], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
@@ -58,7 +66,8 @@ def cluster():
         while _ray("job", "list", f"--address=http://127.0.0.1:{dash}", check=False, env=env).returncode != 0:
             assert time.time() - t0 < 90 and nodes[0].poll() is None, "the head node did not start"
             time.sleep(1)
-        nodes.append(subprocess.Popen([str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=2", "--block"],
+        nodes.append(subprocess.Popen([str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=2", "--block",
+                                       *_agent_ports()],
                                       env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL))
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env, "worker": nodes[1]}
@@ -100,7 +109,7 @@ def _unused_submit(cluster, job_yaml: Path, job_id: str) -> None:
 def _status(cluster, job_id: str) -> str:
     out = _ray("job", "status", f"--address={cluster['dashboard']}", job_id, env=cluster["env"]).stdout
     for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if s in out:
+        if s in out or f"' {s.lower()}" in out or f"is {s.lower()}" in out:
             return s
     return out
 
