@@ -100,12 +100,6 @@ def _submit(cluster, job_yaml: Path, job_id: str) -> None:
     raise AssertionError("the job agent never came up")
 
 
-def _unused_submit(cluster, job_yaml: Path, job_id: str) -> None:
-    _ray("job", "submit", f"--address={cluster['dashboard']}", f"--submission-id={job_id}", "--no-wait",
-         "--working-dir", str(REPO), "--", sys.executable, "-m", "raycpt.cli", "train", str(job_yaml),
-         env=cluster["env"])
-
-
 def _status(cluster, job_id: str) -> str:
     out = _ray("job", "status", f"--address={cluster['dashboard']}", job_id, env=cluster["env"]).stdout
     for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
