@@ -52,9 +52,31 @@ def _ray_storage(job: JobConfig) -> tuple[str, Any]:
     return uri, None
 
 
-def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None):
+def _torch_config_with_sigterm_hook(backend: str):
+    """Ray's TorchConfig, whose start hook also installs raycpt's SIGTERM handler on every worker
+    (the hook's tasks run on the worker actor's main thread, the only place a handler can go)."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    from raycpt.train.signals import install_sigterm_hook
+
+    class _Backend(_TorchBackend):
+        def on_training_start(self, worker_group, backend_config) -> None:
+            super().on_training_start(worker_group, backend_config)
+            worker_group.execute(install_sigterm_hook)
+
+    class _Config(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _Backend
+
+    return _Config(backend=backend)
+
+
+def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, callbacks: list[Any] | None = None):
+    """`callbacks`: Ray Train callbacks, e.g. the one a sweep trial forwards metrics to Tune with."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from raycpt.train.loop import run_worker
 
@@ -68,12 +90,13 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None):
             num_workers=num_workers, use_gpu=job.scaling.use_gpu,
             resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if job.scaling.use_gpu else {})},
         ),
-        torch_config=TorchConfig(backend="nccl" if job.scaling.use_gpu else "gloo"),
+        torch_config=_torch_config_with_sigterm_hook(backend="nccl" if job.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=job.run.name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=job.checkpoint.max_failures),
             # raycpt applies retention itself (never deleting the newest committed checkpoint).
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            callbacks=callbacks,
         ),
     )
 
@@ -84,21 +107,21 @@ def preflight(job: JobConfig) -> str:
     import os
 
     from raycpt.checkpoint.resume import check_resume_config, decide_start
-    from raycpt.data.manifest import DataError, check_against_model, tokenizer_identity
+    from raycpt.data.manifest import tokenizer_identity
     from raycpt.data.stream import read_manifests
+    from raycpt.data.verify import check_data_fits_model
     from raycpt.model.hf import load_config, load_tokenizer
 
+    storage.check_reachable(job.run.storage, "run.storage")
+    for i, src in enumerate(job.data.sources):
+        storage.check_reachable(src.path, f"data.sources[{i}].path")
     decision = decide_start(job)
     if decision.kind == "resume":
         check_resume_config(decision.train_state["config"], job)
     if job.model.base and os.path.isdir(job.model.base):  # on a cluster the folder may live on workers only
         config = load_config(job.model.base)
         tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))
-        problems = [p for i, m in enumerate(read_manifests(job))
-                    for p in check_against_model(m, f"data.sources[{i}].path", job.data.seq_len, tok_id,
-                                                 config.vocab_size)]
-        if problems:
-            raise DataError("the data does not fit the model:\n  " + "\n  ".join(problems))
+        check_data_fits_model(job, read_manifests(job), tok_id, config.vocab_size, read_footers=True)
     return decision.message
 
 

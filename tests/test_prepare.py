@@ -101,3 +101,57 @@ def test_caches_and_binary_files_are_not_documents(tmp_path, tokenizer_dir, ray_
                                output=str(tmp_path / "o")), log=lambda m: None)
     assert m["source_files"] == 2  # a.py and blob.dat; the cache folder is skipped
     assert m["documents"] == 1  # blob.dat holds NUL bytes: not text
+
+
+def _broken_copy(src: str, dst, break_it) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    first = manifest["splits"]["train"]["files"][0]
+    break_it(dst / first["path"], first["rows"], manifest)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return str(dst)
+
+
+def test_broken_shards_are_named_before_any_worker_starts(tmp_path, prepared_sources, tiny_model):
+    """preflight (the driver, before Ray Train starts) reads every shard footer."""
+    import pyarrow as pa
+
+    from conftest import tiny_job_tree
+    from raycpt.config import parse_job
+    from raycpt.data.prepare import write_rows
+    from raycpt.launch import preflight
+
+    def truncate(path, rows, manifest):
+        path.write_bytes(path.read_bytes()[:200])
+
+    def wrong_schema(path, rows, manifest):
+        pq.write_table(pa.table({"tokens": pa.array([[1] * 32] * rows, pa.list_(pa.int64()))}), path)
+
+    def token_beyond_vocab(path, rows, manifest):
+        data = np.ones((rows, 64), dtype=np.int64)
+        data[rows // 2, 7] = 60_000
+        write_rows(str(path), data, 64, 16)
+
+    def fewer_rows(path, rows, manifest):
+        write_rows(str(path), np.ones((rows - 1, 64), dtype=np.int64), 64, 16)
+
+    def other_tokenizer(path, rows, manifest):
+        manifest["tokenizer"]["vocab_fingerprint"] = "0123456789abcdef"
+
+    def empty(path, rows, manifest):
+        manifest["splits"]["train"] = {"files": [], "rows": 0, "tokens": 0, "documents": 0, "dropped_tokens": 0}
+
+    cases = {truncate: "not readable Parquet", wrong_schema: "has schema", token_beyond_vocab: "token id 60000",
+             fewer_rows: "rows but the manifest says", other_tokenizer: "differs from the model's tokenizer",
+             empty: "no training rows"}
+    for break_it, expected in cases.items():
+        broken = _broken_copy(prepared_sources["code"], tmp_path / break_it.__name__, break_it)
+        tree = tiny_job_tree(str(tmp_path / "runs"), tiny_model, {**prepared_sources, "code": broken})
+        with pytest.raises(DataError, match=expected) as e:
+            preflight(parse_job(tree))
+        assert "data.sources[0].path" in str(e.value), str(e.value)
+        if break_it not in (other_tokenizer, empty):
+            assert broken in str(e.value), "the error should name the shard"
+        assert not os.path.exists(tmp_path / "runs" / "tiny" / "checkpoints"), "nothing may start"

@@ -16,7 +16,7 @@ import time
 import pytest
 import yaml
 
-from conftest import tiny_job_tree
+from conftest import run_logged, sample_log, tiny_job_tree
 from raycpt import storage
 from raycpt.checkpoint.layout import latest_committed, list_checkpoints
 from raycpt.config import parse_job
@@ -25,31 +25,13 @@ from raycpt.launch import train
 pytestmark = pytest.mark.slow
 
 
-def sample_log(run_uri: str) -> dict[int, list[int]]:
-    """step -> global sample ids; a step logged twice (redone after a kill) must match itself."""
-    by_step: dict[int, list[int]] = {}
-    folder = storage.join(run_uri, "samples")
-    for name in storage.list_dir(folder):
-        for entry in storage.read_json(storage.join(folder, name)):
-            if entry["step"] in by_step:
-                assert by_step[entry["step"]] == entry["ids"], f"step {entry['step']} redone differently"
-            by_step[entry["step"]] = entry["ids"]
-    return by_step
-
-
 def run(tree: dict, **loop):
-    tree = {**tree, "train": {**tree["train"], "log_sample_ids": True}}
-    result = train(parse_job(tree), loop_options=loop)
-    return result
+    return run_logged(tree, **loop)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model, prepared_sources, ray_local):
-    store = str(tmp_path_factory.mktemp("runs"))
-    tree = tiny_job_tree(store, tiny_model, prepared_sources, run={"name": "straight"}, train={"max_steps": 8})
-    result = run(tree)
-    assert result.error is None, result.error
-    return tree, parse_job(tree).run_uri
+def uninterrupted(straight_run):
+    return straight_run
 
 
 def test_uninterrupted_run_checkpoints_and_reports(uninterrupted):

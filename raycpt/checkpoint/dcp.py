@@ -72,7 +72,8 @@ class Checkpointer:
     """Writes checkpoints of one run; `commit` callbacks run on rank 0 once a save is durable."""
 
     def __init__(self, run_uri: str, rank: int, keep_last: int, keep_every_steps: int | None,
-                 async_save: bool, log: Callable[[str], None] = print):
+                 async_save: bool, log: Callable[[str], None] = print,
+                 before_commit: Callable[[int], None] | None = None):
         self.run_uri = run_uri
         self.rank = rank
         self.keep_last = keep_last
@@ -82,6 +83,8 @@ class Checkpointer:
         self.pending: Future | None = None
         self.pending_step: int | None = None
         self.last_committed_step: int | None = None
+        # Fault tests hook in here to die with every shard written but no commit marker.
+        self.before_commit = before_commit
         # Background saves talk on their own group so they never interleave with training collectives.
         self.pg = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
@@ -120,6 +123,8 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier(group=self.pg)
         if self.rank == 0:
+            if self.before_commit is not None:
+                self.before_commit(step)
             uri = step_uri(self.run_uri, step)
             storage.write_json(storage.join(uri, TRAIN_STATE), train_state)
             storage.write_bytes(storage.join(uri, COMMIT_MARKER), f"{step}\n".encode())

@@ -21,7 +21,7 @@ from raycpt.config import JobConfig
 # Keys whose change makes "the same run" a different run. Everything else (LR schedule,
 # eval, logging, worker count, checkpoint cadence) may change at a resume and applies from then.
 RESUME_CRITICAL = (
-    "model.base", "model.lora", "model.freeze_layers",
+    "model.base", "model.lora", "model.freeze_layers", "model.freeze_embeddings",
     "data.seq_len", "data.sources", "data.replay_ratio", "data.phases", "data.shuffle_window_rows",
     "train.global_batch_size", "run.seed",
 )
@@ -71,9 +71,20 @@ def _allowed(key: str, allow: list[str]) -> bool:
     return any(key == p or key.startswith(p + ".") or key.startswith(p + "[") for p in allow)
 
 
+def _with_current_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved config as this version of raycpt reads it: a key added since the checkpoint was
+    written takes its default instead of counting as a change."""
+    from raycpt.config import ConfigError, parse_job
+
+    try:
+        return parse_job(saved).model_dump(mode="json")
+    except ConfigError:  # a key since removed or renamed: compare what was written
+        return saved
+
+
 def check_resume_config(saved: dict[str, Any], job: JobConfig) -> list[str]:
     """Intended differences (allowed); raises ResumeError listing any that are not."""
-    diffs = config_differences(saved, job.model_dump(mode="json"))
+    diffs = config_differences(_with_current_defaults(saved), job.model_dump(mode="json"))
     blocked = [d for d in diffs if not _allowed(d[0], job.resume.allow_changes)]
     if blocked:
         lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, old, new in blocked)

@@ -44,6 +44,7 @@ class PrepareOptions:
     group_bytes: int = 8 << 20
     rows_per_row_group: int = 64
     max_files: int | None = None
+    s3_endpoint_url: str | None = None  # an S3-compatible store; AWS's endpoint when None
 
 
 def expand_inputs(inputs: tuple[str, ...] | list[str]) -> list[tuple[str, int]]:
@@ -163,6 +164,7 @@ class GroupPacker:
         from transformers import AutoTokenizer
 
         self.opts = opts
+        storage.configure_storage(opts.s3_endpoint_url)  # this actor may run on another node
         self.tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer_dir)
         if self.tokenizer.eos_token_id is None:
             raise DataError(f"--tokenizer {opts.tokenizer_dir}: has no EOS token to join documents with")
@@ -220,6 +222,7 @@ def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
     import ray
     from transformers import AutoTokenizer
 
+    storage.configure_storage(opts.s3_endpoint_url)
     if opts.seq_len < 2:
         raise DataError("--seq-len: must be >= 2")
     if not 0 <= opts.eval_fraction < 1:

@@ -48,6 +48,7 @@ class StreamSpec:
     rank: int
     world_size: int
     cache_bytes: int = 256 << 20
+    s3_endpoint_url: str | None = None
 
 
 def read_manifests(job: JobConfig) -> list[Manifest]:
@@ -75,6 +76,7 @@ def make_spec(job: JobConfig, manifests: list[Manifest], plan_state: dict[str, A
         seq_len=d.seq_len, vocab_size=vocab_size, weights=source_weights(d), phases=phases,
         global_batch_size=job.train.global_batch_size, seed=job.run.seed,
         window_rows=d.shuffle_window_rows, plan_state=plan_state, rank=rank, world_size=world_size,
+        s3_endpoint_url=job.run.s3_endpoint_url,
     )
 
 
@@ -105,6 +107,7 @@ class BatchReader:
 
     def __init__(self, spec: StreamSpec):
         self.spec = spec
+        storage.configure_storage(spec.s3_endpoint_url)  # the reader actor is its own process
         self.plan = build_plan(spec)
         self.cache = RowGroupCache(spec.cache_bytes)
         self.pending: dict[int, np.ndarray] = {}

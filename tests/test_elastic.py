@@ -1,0 +1,81 @@
+"""An elastic run (`scaling.num_workers: [1, 2]`) on a multi-node Ray cluster (ray.cluster_utils):
+it starts on 2 workers, one node is removed mid-run (a reclaimed spot node), Ray Train carries
+on with the 1 worker that still fits, and the run ends where an uninterrupted run ends.
+
+The cluster lives in a subprocess: this test session already runs its own local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from conftest import sample_log, tiny_job_tree
+from raycpt import storage
+from raycpt.checkpoint.layout import latest_committed
+
+pytestmark = pytest.mark.slow
+
+CLUSTER_RUN = textwrap.dedent("""
+    import json, sys, threading, time
+    import ray
+    from ray.cluster_utils import Cluster
+    from raycpt.checkpoint.layout import latest_committed
+    from raycpt.config import load_job
+    from raycpt.launch import train
+
+    job = load_job(sys.argv[1])
+    # The head holds no CPU: training workers and their readers live on the two worker nodes,
+    # each with room for one worker (1 CPU) and its reader (0.25 CPU).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    doomed = cluster.add_node(num_cpus=1.5)
+    cluster.add_node(num_cpus=1.5)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+
+    def remove_a_node():
+        while latest_committed(job.run_uri) is None or latest_committed(job.run_uri).step < 2:
+            time.sleep(0.2)
+        cluster.remove_node(doomed, allow_graceful=False)
+        print("removed a node at committed step", latest_committed(job.run_uri).step, flush=True)
+
+    threading.Thread(target=remove_a_node, daemon=True).start()
+    result = train(job)
+    print("RESULT", json.dumps({"error": None if result.error is None else str(result.error)}), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+def test_elastic_run_loses_a_node_and_finishes_on_fewer_workers(straight_run, tmp_path, tiny_model,
+                                                                  prepared_sources):
+    _, straight_uri = straight_run
+    tree = tiny_job_tree(str(tmp_path / "runs"), tiny_model, prepared_sources, run={"name": "elastic"},
+                         train={"max_steps": 8, "log_sample_ids": True},
+                         scaling={"num_workers": [1, 2]}, checkpoint={"max_failures": 3})
+    job_yaml = tmp_path / "job.yaml"
+    job_yaml.write_text(yaml.safe_dump(tree))
+    script = tmp_path / "cluster_run.py"
+    script.write_text(CLUSTER_RUN)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, str(script), str(job_yaml)], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(__file__))
+    log = out.stdout + out.stderr
+    result = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result and json.loads(result[-1][7:])["error"] is None, log[-5000:]
+    assert "removed a node" in out.stdout, log[-3000:]
+
+    run_uri = str(tmp_path / "runs" / "elastic")
+    folder = storage.join(run_uri, "metrics", "starts")
+    starts = [storage.read_json(storage.join(folder, n)) for n in storage.list_dir(folder)]
+    assert [s["world_size"] for s in starts][:1] == [2] and starts[-1]["world_size"] == 1, starts
+    assert starts[-1]["kind"] == "resume"
+    assert latest_committed(run_uri).step == 8
+    straight = {s: ids for s, ids in sample_log(straight_uri).items() if s < 8}
+    assert sample_log(run_uri) == straight, "the elastic run trained a different sample sequence"
