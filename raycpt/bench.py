@@ -21,7 +21,8 @@ def bench_data(sources: list[str], steps: int, global_batch_size: int, workers: 
     storage.configure_storage(s3_endpoint_url)
     manifests_probe = [{"name": f"s{i}", "path": p, "weight": 1.0} for i, p in enumerate(sources)]
     tree = {
-        "run": {"name": "bench", "storage": "/tmp/raycpt-bench"}, "model": {"base": "/unused"},
+        "run": {"name": "bench", "storage": "/tmp/raycpt-bench", "s3_endpoint_url": s3_endpoint_url},
+        "model": {"base": "/unused"},
         "data": {"seq_len": 2, "sources": manifests_probe, "shuffle_window_rows": window_rows},
         "train": {"global_batch_size": global_batch_size, "max_steps": steps},
         "optim": {"peak_lr": 1e-4}, "checkpoint": {"interval_steps": steps},

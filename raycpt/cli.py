@@ -1,4 +1,4 @@
-"""`raycpt` command line: prepare | train | status | export | import | schedule | demo."""
+"""`raycpt` command line: prepare | train | tune | status | export | import | schedule | demo."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     connect_ray(address=a.address)
     prepare(PrepareOptions(inputs=tuple(a.input), tokenizer_dir=a.tokenizer, seq_len=a.seq_len, output=a.output,
                            text_column=a.text_column, eval_fraction=a.eval_fraction,
-                           group_bytes=int(a.group_mb * (1 << 20)), rows_per_row_group=a.rows_per_row_group))
+                           group_bytes=int(a.group_mb * (1 << 20)), rows_per_row_group=a.rows_per_row_group,
+                           s3_endpoint_url=a.s3_endpoint_url))
     return 0
 
 
@@ -35,7 +36,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _cmd_status(a: argparse.Namespace) -> int:
     from raycpt.status import format_status, run_status
+    from raycpt.tune.results import status_command
 
+    sweep_rc = status_command(a.target, a.overrides, a.json)  # a sweep folder or sweep YAML
+    if sweep_rc is not None:
+        return sweep_rc
     target = a.target
     if target.endswith((".yaml", ".yml")) and os.path.exists(target):
         from raycpt.config import load_job
@@ -50,6 +55,15 @@ def _cmd_status(a: argparse.Namespace) -> int:
     return 0 if st["latest_step"] is not None else 3
 
 
+def _cmd_tune(a: argparse.Namespace) -> int:
+    from raycpt.tune.config import load_sweep
+    from raycpt.tune.sweep import run_sweep
+
+    job, tune = load_sweep(a.job, a.overrides)
+    result = run_sweep(job, tune, address=a.address)
+    return 1 if result["errors"] else 0
+
+
 def _cmd_import(a: argparse.Namespace) -> int:
     from raycpt.model.hf import import_gguf
 
@@ -60,7 +74,7 @@ def _cmd_import(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from raycpt.checkpoint.export import export_hf
 
-    print(export_hf(a.run, a.output, base=a.base))
+    print(export_hf(a.run, a.output, base=a.base, adapter_dir=a.adapter))
     return 0
 
 
@@ -78,12 +92,50 @@ def _cmd_schedule(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_checkpoint(a: argparse.Namespace) -> int:
+    from raycpt.checkpoint.bench import bench_checkpoint
+
+    rows = bench_checkpoint(a.shape, a.storage, a.saves, tuple(a.modes), a.s3_endpoint_url)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+    return 0
+
+
+def _cmd_bench_train(a: argparse.Namespace) -> int:
+    import torch
+
+    from raycpt.bench_train import TrainBenchOptions, bench_train, format_report
+
+    use_gpu = torch.cuda.is_available() and not a.cpu
+    workers = a.workers or (torch.cuda.device_count() if use_gpu else 1)
+    baselines = tuple(b for b in a.baseline if b != "none")
+    o = TrainBenchOptions(shape=a.shape, workdir=a.workdir, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
+                          global_batch_size=a.global_batch_size or a.micro_batch_size * workers * 2, steps=a.steps,
+                          warmup_steps=a.warmup_steps, workers=workers, use_gpu=use_gpu,
+                          checkpoint_every=a.checkpoint_every, baselines=baselines, overrides=a.overrides)
+    r = bench_train(o)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
+    print(format_report(r))
+    return 0
+
+
 def _cmd_bench_data(a: argparse.Namespace) -> int:
     from raycpt.bench import bench_data
     from raycpt.launch import connect_ray
 
     if a.path == "ray":
         connect_ray(address=a.address)
+    if a.synthetic:
+        from raycpt import storage
+        from raycpt.data.synthetic import write_synthetic_source
+
+        storage.configure_storage(a.s3_endpoint_url)
+        a.source = [write_synthetic_source(storage.join(a.synthetic, name), a.synthetic_rows, a.seq_len, 128256,
+                                           seed=i) for i, name in enumerate(("new", "replay"))]
+    elif not a.source:
+        raise SystemExit("raycpt bench data: give --source or --synthetic")
     r = bench_data(a.source, a.steps, a.global_batch_size, a.workers, path=a.path,
                    window_rows=a.shuffle_window_rows, s3_endpoint_url=a.s3_endpoint_url)
     print(f"stream ({a.path}) per worker of {a.workers}: {r['tokens_per_s']:,.0f} tokens/s | next batch median "
@@ -112,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--group-mb", type=float, default=8.0, help="input MB per prepare task")
     s.add_argument("--rows-per-row-group", type=int, default=64, help="Parquet row-group size in rows")
     s.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    s.add_argument("--s3-endpoint-url", default=os.environ.get("RAYCPT_S3_ENDPOINT_URL"),
+                   help="S3-compatible endpoint for s3:// inputs/outputs (default: AWS)")
     s.set_defaults(fn=_cmd_prepare)
 
     s = sub.add_parser("train", help="run (or resume) a job")
@@ -120,8 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None)
     s.set_defaults(fn=_cmd_train)
 
-    s = sub.add_parser("status", help="latest committed step, tokens per source, checkpoints, eval")
-    s.add_argument("target", help="job YAML or run folder URI")
+    s = sub.add_parser("tune", help="sweep the job's `tune:` space (Ray Tune, early stopping); re-run to continue")
+    s.add_argument("job", help="job YAML with a tune section")
+    s.add_argument("overrides", nargs="*", help="dotted overrides of job or tune keys, e.g. tune.num_samples=8")
+    s.add_argument("--address", default=None)
+    s.set_defaults(fn=_cmd_tune)
+
+    s = sub.add_parser("status", help="latest committed step, tokens per source, checkpoints, eval; or a sweep's table")
+    s.add_argument("target", help="job YAML, run folder URI, or sweep folder URI")
     s.add_argument("overrides", nargs="*")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_status)
@@ -135,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder URI or one of its checkpoint folders")
     s.add_argument("--output", required=True)
     s.add_argument("--base", default=None, help="HF folder for config/tokenizer (default: the run's model.base)")
+    s.add_argument("--adapter", default=None, metavar="DIR",
+                   help="LoRA runs: also write the adapter as a PEFT folder (model.init.adapter can continue it)")
     s.set_defaults(fn=_cmd_export)
 
     s = sub.add_parser("schedule", help="print the LR curve of a job before launching it")
@@ -143,18 +205,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--points", type=int, default=21)
     s.set_defaults(fn=_cmd_schedule)
 
-    s = sub.add_parser("bench", help="benchmarks: `bench data` (the stream)")
+    s = sub.add_parser("bench", help="benchmarks: `bench data` (the stream), `bench checkpoint`, `bench train`")
     bench = s.add_subparsers(dest="what", required=True)
     b = bench.add_parser("data", help="tokens/s and next-batch latency of one worker's stream")
-    b.add_argument("--source", nargs="+", required=True, help="prepared source folders or s3:// URIs")
+    b.add_argument("--source", nargs="+", help="prepared source folders or s3:// URIs")
+    b.add_argument("--synthetic", default=None, metavar="ROOT",
+                   help="instead of --source: two random-token sources (new + replay) written once under ROOT")
+    b.add_argument("--synthetic-rows", type=int, default=8192, help="rows per synthetic source")
+    b.add_argument("--seq-len", type=int, default=2048, help="row length of synthetic sources")
     b.add_argument("--steps", type=int, default=200)
     b.add_argument("--global-batch-size", type=int, default=64)
     b.add_argument("--workers", type=int, default=1, help="the stream of rank 0 of this many workers")
     b.add_argument("--shuffle-window-rows", type=int, default=1024)
     b.add_argument("--path", choices=("ray", "local"), default="ray", help="through Ray Data, or in-process")
-    b.add_argument("--s3-endpoint-url", default=None)
+    b.add_argument("--s3-endpoint-url", default=os.environ.get("RAYCPT_S3_ENDPOINT_URL"))
     b.add_argument("--address", default=None)
     b.set_defaults(fn=_cmd_bench_data)
+    b = bench.add_parser("checkpoint", help="save stall and persist time, sync vs async, local or s3://")
+    b.add_argument("--shape", default="smollm2-135m", help="model shape (raycpt.model.shapes), random weights")
+    b.add_argument("--storage", required=True, help="folder or s3:// prefix to save into")
+    b.add_argument("--saves", type=int, default=3, help="saves per mode (the median is reported)")
+    b.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
+    b.add_argument("--s3-endpoint-url", default=os.environ.get("RAYCPT_S3_ENDPOINT_URL"))
+    b.add_argument("--json", action="store_true", help="print the rows as JSON")
+    b.set_defaults(fn=_cmd_bench_checkpoint)
+    b = bench.add_parser("train", help="tokens/s, MFU, step time, memory, data wait, checkpoint stall of the "
+                                       "real training path (random weights and tokens) vs a plain PyTorch loop")
+    b.add_argument("--shape", default="llama-1b", help="model shape (raycpt.model.shapes)")
+    b.add_argument("overrides", nargs="*", help="dotted job overrides, e.g. model.compile=false")
+    b.add_argument("--seq-len", type=int, default=2048)
+    b.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass per worker")
+    b.add_argument("--global-batch-size", type=int, default=None,
+                   help="sequences per optimizer step, all workers (default: 2 micro-batches per worker)")
+    b.add_argument("--steps", type=int, default=40)
+    b.add_argument("--warmup-steps", type=int, default=10, help="first steps left out of the timing")
+    b.add_argument("--workers", type=int, default=None, help="training workers (default: every GPU, or 1 CPU)")
+    b.add_argument("--checkpoint-every", type=int, default=None,
+                   help="async checkpoint interval in steps (default: only the final save, untimed)")
+    b.add_argument("--baseline", nargs="+", choices=("compiled", "eager", "none"), default=["compiled", "eager"],
+                   help="plain-loop baselines to run on one device in this process")
+    b.add_argument("--cpu", action="store_true", help="CPU workers (gloo) even where a GPU is present")
+    b.add_argument("--workdir", default=os.environ.get("RAYCPT_BENCH_DIR", "/tmp/raycpt-bench"),
+                   help="model folder, shards and runs of the bench (reused between runs)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
+    b.set_defaults(fn=_cmd_bench_train)
 
     s = sub.add_parser("demo", help="continue SmolLM2-135M on Python source with English replay, on CPU")
     s.add_argument("--workdir", default=os.environ.get("RAYCPT_DEMO_DIR", ".raycpt-demo"))

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -24,26 +22,30 @@ from raycpt.checkpoint.dcp import Checkpointer, load_sharded
 from raycpt.checkpoint.layout import step_uri
 from raycpt.checkpoint.resume import TRAIN_STATE_VERSION, check_resume_config, decide_start
 from raycpt.config import JobConfig, parse_job
-from raycpt.data.manifest import DataError, check_against_model, tokenizer_identity
+from raycpt.data.manifest import DataError, tokenizer_identity
 from raycpt.data.plan import PlanState, remap_state_by_name
+from raycpt.data.verify import check_data_fits_model
 from raycpt.data.stream import (WaitTimer, build_plan, iter_local, iter_ray_data, make_spec, read_eval_rows,
                                 read_manifests)
 from raycpt.model.fsdp import build_sharded_model
 from raycpt.model.hf import load_config, load_tokenizer, param_count
+from raycpt.model.loss import use_chunked_loss
+from raycpt.model.lora import check_init_run, count_params, init_adapters, load_adapter, partial_training
 from raycpt.train.evaluate import eval_losses, forgetting
+from raycpt.train.logbook import MetricsLog
 from raycpt.train.metrics import device_peak_flops, eval_line, flops_per_token, progress_line
 from raycpt.train.optim import build_optimizer, set_lr
 from raycpt.train.schedule import lr_at
+from raycpt.train.step import StepClock, forward_backward, peak_memory_gib
+from raycpt.train.signals import sigterm_requested
 
 
 class StopFlag:
-    """Set by SIGTERM (spot reclaim, `ray job stop`) or a Ray preemption notice; the loop saves
-    at the next step boundary and exits cleanly."""
+    """Why the loop should save at the next step boundary: a Ray preemption notice (save and
+    train on) or SIGTERM on this worker (save and stop)."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self.set("SIGTERM"))
 
     def set(self, reason: str) -> None:
         self.reason = self.reason or reason
@@ -94,6 +96,11 @@ def run_worker(config: dict[str, Any]) -> None:
             if not ray_path.endswith(decision.checkpoint.uri.split("://")[-1].rstrip("/")):
                 say(f"resume: Ray's record points at {ray_path}; the newest committed checkpoint in storage wins")
     say(decision.message)
+    if rank == 0:  # every (re)start of the run, for `raycpt status` and the fault tests
+        storage.write_json(storage.join(job.run_uri, "metrics", "starts", f"{time.time_ns()}.json"), {
+            "kind": decision.kind, "world_size": world, "wall_time": time.time(),
+            "step": int(decision.train_state["step"]) if decision.kind == "resume" else 0,
+            "checkpoint": decision.checkpoint.uri if decision.checkpoint else None})
 
     # ---- Data and model must fit together before any step ---------------------------------------
     model_config = load_config(job.model.base) if job.model.base else None
@@ -101,11 +108,8 @@ def run_worker(config: dict[str, Any]) -> None:
         raise DataError("model.base: needed for the model architecture and tokenizer")
     tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))
     manifests = read_manifests(job)
-    problems = [p for i, m in enumerate(manifests)
-                for p in check_against_model(m, f"data.sources[{i}].path", job.data.seq_len, tok_id,
-                                             model_config.vocab_size)]
-    if problems:
-        raise DataError("the data does not fit the model:\n  " + "\n  ".join(problems))
+    # The driver's preflight read every shard footer; here only the cheap manifest checks.
+    check_data_fits_model(job, manifests, tok_id, model_config.vocab_size, read_footers=False)
 
     # ---- Model, optimizer, restore ------------------------------------------------------------
     from torch.distributed.device_mesh import init_device_mesh
@@ -115,8 +119,20 @@ def run_worker(config: dict[str, Any]) -> None:
     model = build_sharded_model(
         model_config, mesh, device, param_dtype=param_dtype, attn_implementation=job.model.attn_implementation,
         activation_checkpointing=job.model.activation_checkpointing, compile_blocks=job.model.compile,
-        weights_from=job.model.base if decision.kind == "fresh_base" else None,
+        # `random_weights` (raycpt bench train): the shape's architecture, no weights to read.
+        weights_from=job.model.base if decision.kind == "fresh_base" and not config.get("random_weights") else None,
+        prepare=partial_training(job.model),
     )
+    if decision.kind == "fresh_run":
+        check_init_run(decision.train_state["config"], job.model)
+    if job.model.lora is not None and decision.kind == "fresh_base":
+        init_adapters(model, job.run.seed)  # meta materialisation left them uninitialised
+        if job.model.init.source == "adapter":
+            load_adapter(model, job.model.init.adapter, job.model.lora)
+            say(f"init: continuing the LoRA adapter {job.model.init.adapter} (optimizer fresh)")
+    n_total, n_trainable = count_params(model)
+    if n_trainable < n_total:
+        say(f"partial training: {n_trainable / 1e6:.2f}M of {n_total / 1e6:.2f}M params trainable")
     optimizer = build_optimizer(model, job.optim, device)
     if decision.checkpoint is not None:
         load_sharded(decision.checkpoint.uri, model, optimizer if decision.load_optimizer else None)
@@ -155,11 +171,16 @@ def run_worker(config: dict[str, Any]) -> None:
         say("eval: no held-out rows in any source (prepare with --eval-fraction); evaluation is off")
 
     checkpointer = Checkpointer(job.run_uri, rank, job.checkpoint.keep_last, job.checkpoint.keep_every_steps,
-                                job.checkpoint.async_save, say)
+                                job.checkpoint.async_save, say, before_commit=_fault_hook(config))
     n_params = param_count(model)
     flops_tok = flops_per_token(n_params, model_config.num_hidden_layers, model_config.hidden_size, job.data.seq_len)
     peak = device_peak_flops(device)
     timer = WaitTimer()
+    clock = StepClock(device)
+    use_chunked_loss(model, job.model.loss_chunk_tokens)
+    mlog = MetricsLog(job.run_uri, job.run.name, step, rank, job.metrics.tensorboard, job.metrics.mlflow_tracking_uri,
+                      job.metrics.mlflow_experiment, params={"peak_lr": job.optim.peak_lr,
+                                                             "replay_ratio": job.data.replay_ratio})
     sample_log: list[dict[str, Any]] = []
 
     def train_state() -> dict[str, Any]:
@@ -181,11 +202,16 @@ def run_worker(config: dict[str, Any]) -> None:
                                                                  if k in replay}}
         eval_history.append(record)
         say(eval_line(step, losses, base))
+        mlog.eval(record)
         if rank == 0:
             storage.write_json(storage.join(job.run_uri, "metrics", "eval.json"), eval_history)
+        if ray_train is not None:  # `raycpt tune` scores trials on these (raycpt/tune/objective.py)
+            ray_train.report({"step": step, **{f"eval/loss/{k}": v for k, v in losses.items()},
+                              **{f"eval/forgetting/{k}": v for k, v in record["forgetting"].items()}})
 
     def save(reason: str) -> float:
         stall = checkpointer.save(step, model, optimizer, train_state())
+        mlog.flush()
         say(f"checkpoint: step {step} ({reason}) saving, loop blocked {stall:.2f}s")
         return stall
 
@@ -196,6 +222,7 @@ def run_worker(config: dict[str, Any]) -> None:
     say(f"training: {n_params / 1e6:.1f}M params on {world} {device.type} worker(s), global batch "
         f"{job.train.global_batch_size} x {job.data.seq_len} tokens, accum {accum}, steps {step}->{job.train.max_steps}")
     window_t0, window_wait0, window_steps, ckpt_stall = time.perf_counter(), timer.wait_s, 0, 0.0
+    clock.mark()
     preemption_saved = False
     while step < job.train.max_steps:
         lr = lr_at(step, job.optim, job.train.max_steps)
@@ -205,19 +232,14 @@ def run_worker(config: dict[str, Any]) -> None:
             raise RuntimeError(f"data stream at step {data_step}, training at {step}")
         plan.next_batch()
 
-        loss_sum = torch.zeros((), device=device)
-        for i in range(accum):
-            x = torch.as_tensor(input_ids[i * micro:(i + 1) * micro], dtype=torch.long).to(device, non_blocking=True)
-            model.set_requires_gradient_sync(i == accum - 1)
-            loss = model(input_ids=x, labels=x).loss
-            (loss / accum).backward()
-            loss_sum += loss.detach()
+        loss_sum = forward_backward(model, input_ids, micro, device)  # raycpt/train/step.py; no host sync
         if job.train.grad_clip_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        clock.mark()
         step += 1
         window_steps += 1
 
@@ -237,16 +259,24 @@ def run_worker(config: dict[str, Any]) -> None:
             tokens = window_steps * job.train.global_batch_size * job.data.seq_len
             tps = tokens / max(elapsed, 1e-9)
             gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            step_times = clock.read()
             metrics = {
                 "step": step, "max_steps": job.train.max_steps, "loss": float(mean_loss), "lr": lr,
                 "grad_norm": float(gn), "tokens_per_s": tps,
                 "mfu": (tps * flops_tok / (peak * world)) if peak else None,
                 "data_wait_share": (timer.wait_s - window_wait0) / max(elapsed, 1e-9),
                 "checkpoint_stall_s": ckpt_stall,
+                "step_time_median_s": float(np.median(step_times)) if step_times else None,
+                "step_time_p90_s": float(np.percentile(step_times, 90)) if step_times else None,
+                "peak_memory_gib": peak_memory_gib(device),
                 "eta_s": (job.train.max_steps - step) * elapsed / window_steps,
                 **{f"tokens/{k}": v for k, v in plan.tokens_per_source(job.data.seq_len).items()},
             }
             say(progress_line(metrics))
+            mlog.train(metrics)
+            if rank == 0 and config.get("metrics_file"):  # raycpt bench train reads every step's time
+                with open(config["metrics_file"], "a") as f:
+                    f.write(json.dumps({**metrics, "step_times_s": step_times}) + "\n")
             if ray_train is not None:
                 ray_train.report({k: v for k, v in metrics.items() if v is not None})
             window_t0, window_wait0, window_steps, ckpt_stall = time.perf_counter(), timer.wait_s, 0, 0.0
@@ -261,6 +291,8 @@ def run_worker(config: dict[str, Any]) -> None:
             if ray_train is not None and ray_train.get_preemption_info() is not None and not preemption_saved:
                 stop.set("preemption notice")
                 preemption_saved = True  # one just-in-time save per notice
+            if sigterm_requested():
+                stop.set("SIGTERM")
             stop_now = _agree(stop.reason is not None, device) and step < job.train.max_steps
 
         # -- checkpoint
@@ -283,9 +315,27 @@ def run_worker(config: dict[str, Any]) -> None:
                                "checkpoint committed, resubmit the job to resume")
 
     checkpointer.wait()
+    mlog.close()
     if ray_train is not None and checkpointer.last_committed_step is not None:
         _report_checkpoint(ray_train, job, checkpointer.last_committed_step, train_state())
     say(f"done at step {step}; tokens per source: {json.dumps(plan.tokens_per_source(job.data.seq_len))}")
+
+
+def _fault_hook(config: dict[str, Any]):
+    """Tests of torn saves pass `kill_before_commit: [flag_file, step]`: while the flag file exists,
+    the save of that step dies after every shard is written and before the commit marker."""
+    spec = config.get("kill_before_commit")
+    if not spec:
+        return None
+    flag, at_step = spec
+
+    def hook(step: int) -> None:
+        if step == at_step and os.path.exists(flag):
+            os.remove(flag)
+            _say(f"fault injection: killing this worker during the save of step {step}")
+            os._exit(137)
+
+    return hook
 
 
 def _agree(flag: bool, device: torch.device) -> bool:
