@@ -50,12 +50,17 @@ class RunConfig(_Section):
 class InitConfig(_Section):
     """How a run with no committed checkpoint of its own begins (a resume ignores this)."""
 
-    source: Literal["base", "run"] = Field(
+    source: Literal["base", "run", "adapter"] = Field(
         "base",
         description="`base`: weights of `model.base` (an HF folder); `run`: another raycpt run's "
-        "newest committed checkpoint (`init.run`).",
+        "newest committed checkpoint (`init.run`); `adapter`: `model.base` plus a saved LoRA "
+        "adapter (`init.adapter`, needs `model.lora`), optimizer fresh.",
     )
     run: str | None = Field(None, description="Run folder URI to start from when source=run.")
+    adapter: str | None = Field(
+        None, description="PEFT adapter folder (adapter_config.json + adapter_model.safetensors, as "
+        "`raycpt export --adapter` or peft's save_pretrained write it) when source=adapter."
+    )
     load: Literal["weights", "weights+optimizer"] = Field(
         "weights",
         description="What to take from `init.run`: weights only (NeMo restore_from_path) or "
@@ -92,8 +97,15 @@ class ModelConfig(_Section):
     activation_checkpointing: bool = Field(
         False, description="Recompute each decoder block's activations in backward to save memory."
     )
+    loss_chunk_tokens: int = Field(
+        8192, ge=0, description="Tokens per chunk of the fused LM-head + cross-entropy, which never holds "
+        "full-vocabulary fp32 logits (raycpt/model/loss.py); 0: the model's own loss."
+    )
     freeze_layers: int = Field(
-        0, ge=0, description="Freeze the lowest k decoder blocks (and embeddings if k > 0 and no LoRA)."
+        0, ge=0, description="Freeze the lowest k decoder blocks (their adapters too under LoRA)."
+    )
+    freeze_embeddings: bool = Field(
+        False, description="Freeze embed_tokens (and lm_head when the model ties them)."
     )
     lora: LoraConfig | None = Field(None, description="LoRA continued pretraining when set.")
 
@@ -200,6 +212,16 @@ class EvalConfig(_Section):
     max_rows: int = Field(64, gt=0, description="Held-out sequences evaluated per source.")
 
 
+class MetricsConfig(_Section):
+    """Where metrics go besides the driver's progress line, Ray's reports and <run>/metrics/."""
+
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to <run>/metrics/tb.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="Also log to this MLflow tracking server (needs mlflow installed on the workers)."
+    )
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment; None: the run name.")
+
+
 class ResumeConfig(_Section):
     allow_changes: list[str] = Field(
         default_factory=list,
@@ -217,6 +239,7 @@ class JobConfig(_Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     resume: ResumeConfig = Field(default_factory=ResumeConfig)
 
     @model_validator(mode="after")
@@ -268,6 +291,13 @@ class JobConfig(_Section):
             problems.append("model.base: required when model.init.source is base (an HF folder)")
         if self.model.init.source == "run" and not self.model.init.run:
             problems.append("model.init.run: required when model.init.source is run (a run folder URI)")
+        if self.model.init.source == "adapter":
+            if not self.model.init.adapter:
+                problems.append("model.init.adapter: required when model.init.source is adapter (a PEFT adapter folder)")
+            if self.model.lora is None:
+                problems.append("model.lora: required when model.init.source is adapter; set it to the adapter's shape")
+        if self.model.lora is not None and self.model.lora.train_embeddings and self.model.freeze_embeddings:
+            problems.append("model.freeze_embeddings: contradicts model.lora.train_embeddings; set one of them false")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -401,6 +431,8 @@ def resolve_relative_paths(job: JobConfig, base_dir: Path) -> JobConfig:
         job.model.base = _resolve(job.model.base, base_dir)
     if job.model.init.run:
         job.model.init.run = _resolve(job.model.init.run, base_dir)
+    if job.model.init.adapter:
+        job.model.init.adapter = _resolve(job.model.init.adapter, base_dir)
     for s in job.data.sources:
         s.path = _resolve(s.path, base_dir)
     return job

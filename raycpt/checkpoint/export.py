@@ -25,8 +25,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
-def export_hf(run_or_checkpoint: str, output: str, base: str | None = None) -> str:
+def export_hf(run_or_checkpoint: str, output: str, base: str | None = None, adapter_dir: str | None = None) -> str:
+    """Write the checkpoint as an HF folder; a LoRA run's adapters are merged into the weights
+    (and, with `adapter_dir`, also written there as a PEFT adapter folder)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raycpt.model.lora import add_adapters, lora_of, merge_adapters, save_adapter
 
     entry = checkpoint_uri_of(run_or_checkpoint)
     if entry is None:
@@ -37,9 +41,18 @@ def export_hf(run_or_checkpoint: str, output: str, base: str | None = None) -> s
         raise ExportError(f"--base: the run's model.base {base!r} is not an HF folder here; pass --base DIR")
     config = AutoConfig.from_pretrained(base)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lora = lora_of(state["config"])
+    if lora is not None:
+        add_adapters(model, lora)  # the checkpoint's names: base_layer + lora_A/lora_B
+    elif adapter_dir:
+        raise ExportError(f"--adapter: {run_or_checkpoint} is a full-model run (no model.lora); drop --adapter")
     sd = model.state_dict()
     dcp.load({"model": sd}, storage_reader=_reader(entry.uri))
     model.load_state_dict(sd)
+    if lora is not None:
+        if adapter_dir:
+            save_adapter(model, lora, adapter_dir, base)
+        merge_adapters(model)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     os.makedirs(output, exist_ok=True)

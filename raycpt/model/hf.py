@@ -98,11 +98,17 @@ def load_base_weights(model: nn.Module, folder: str) -> None:
     """Copy each parameter's local shard from the safetensors files (DTensor-aware)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    from raycpt.model.lora import base_weight_name
+
     reader = SafetensorsReader(folder)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     missing = []
     with torch.no_grad():
         for name, param in model.state_dict().items():
+            # LoRA wraps a Linear as `<name>.base_layer` and adds adapters the base does not have.
+            name = base_weight_name(name)
+            if name is None:
+                continue
             full = reader.get(name)
             if full is None and tied and name.endswith("lm_head.weight"):
                 full = reader.get(name.replace("lm_head.weight", "model.embed_tokens.weight"))

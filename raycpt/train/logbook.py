@@ -1,0 +1,148 @@
+"""What a run leaves for people and plots to read, written by rank 0 into the run's storage:
+
+    <run>/metrics/train.jsonl   one JSON object per report interval (the progress-line fields)
+    <run>/metrics/eval.json     per-domain eval history (written by the loop)
+    <run>/metrics/tb/           TensorBoard event files (tensorboardX)
+    MLflow                      when `metrics.mlflow_tracking_uri` is set and mlflow is installed
+
+Files are written in a local folder and copied to storage at each `flush` (checkpoint, eval, end)
+when the run lives on s3://, because object stores cannot append; a local run writes in place.
+A resumed run first drops the records after its checkpoint's step (they are trained again), and
+its TensorBoard writer purges them too (`purge_step`), so every curve shows each step once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+from raycpt import storage
+
+TRAIN_LOG = "train.jsonl"
+TB_DIR = "tb"
+# Progress fields charted in TensorBoard under train/ (tokens/<source> go under tokens/).
+TRAIN_SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_share", "checkpoint_stall_s")
+
+
+def metrics_uri(run_uri: str, *parts: str) -> str:
+    return storage.join(run_uri, "metrics", *parts)
+
+
+def read_train_log(run_uri: str) -> list[dict[str, Any]]:
+    """The run's report records, one per step (a step trained twice keeps its last record)."""
+    uri = metrics_uri(run_uri, TRAIN_LOG)
+    if not storage.exists(uri):
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in storage.read_bytes(uri).decode().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class MetricsLog:
+    """Rank 0 writes; on other ranks every method does nothing."""
+
+    def __init__(self, run_uri: str, run_name: str, start_step: int, rank: int, tensorboard: bool = True,
+                 mlflow_tracking_uri: str | None = None, mlflow_experiment: str | None = None,
+                 params: dict[str, Any] | None = None):
+        self.active = rank == 0
+        if not self.active:
+            return
+        self.run_uri = run_uri
+        self.remote = storage.is_remote(run_uri)
+        self.folder = tempfile.mkdtemp(prefix="raycpt-metrics-") if self.remote else storage.local_path(
+            metrics_uri(run_uri))
+        os.makedirs(self.folder, exist_ok=True)
+        # Keep the records up to the step this attempt starts from; later ones are trained again.
+        kept = [r for r in read_train_log(run_uri) if r["step"] <= start_step]
+        with open(os.path.join(self.folder, TRAIN_LOG), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.log_file = open(os.path.join(self.folder, TRAIN_LOG), "a", buffering=1)
+        self.tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(logdir=os.path.join(self.folder, TB_DIR), purge_step=start_step or None,
+                                    flush_secs=30)
+        self.mlflow = _start_mlflow(run_uri, run_name, mlflow_tracking_uri, mlflow_experiment, params) \
+            if mlflow_tracking_uri else None
+
+    def train(self, metrics: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        step = int(metrics["step"])
+        self.log_file.write(json.dumps({k: v for k, v in metrics.items() if v is not None}) + "\n")
+        scalars = {f"train/{k}": metrics[k] for k in TRAIN_SCALARS if metrics.get(k) is not None}
+        scalars.update({k: v for k, v in metrics.items() if k.startswith("tokens/")})
+        self._scalars(scalars, step)
+
+    def eval(self, record: dict[str, Any]) -> None:
+        """One eval record: {step, loss: {domain: loss}, forgetting: {replay domain: delta}}."""
+        if not self.active:
+            return
+        scalars: dict[str, float] = {}
+        for name, loss in record["loss"].items():
+            scalars[f"eval/{name}/loss"] = loss
+            scalars[f"eval/{name}/perplexity"] = math.exp(min(loss, 50.0))
+        for name, delta in record.get("forgetting", {}).items():
+            scalars[f"eval/{name}/forgetting"] = delta
+        self._scalars(scalars, int(record["step"]))
+        self.flush()
+
+    def _scalars(self, scalars: dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, float(value), step)
+        if self.mlflow is not None:
+            # MLflow metric names may not hold '/' on every backend's UI path; keep them flat.
+            self.mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in scalars.items()}, step=step)
+
+    def flush(self) -> None:
+        """Make everything written so far durable in the run's storage."""
+        if not self.active:
+            return
+        self.log_file.flush()
+        if self.tb is not None:
+            self.tb.flush()
+        if self.remote:
+            for root, _, files in os.walk(self.folder):
+                for name in files:
+                    path = os.path.join(root, name)
+                    rel = os.path.relpath(path, self.folder).replace(os.sep, "/")
+                    with open(path, "rb") as f:
+                        storage.write_bytes(metrics_uri(self.run_uri, *rel.split("/")), f.read())
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.tb is not None:
+            self.tb.close()
+        self.flush()
+        self.log_file.close()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+
+
+def _start_mlflow(run_uri: str, run_name: str, tracking_uri: str, experiment: str | None,
+                  params: dict[str, Any] | None):
+    """Log to MLflow; a resumed raycpt run continues the same MLflow run (its id is kept in storage)."""
+    try:
+        import mlflow
+    except ImportError:
+        raise RuntimeError("metrics.mlflow_tracking_uri: set, but mlflow is not installed on the workers; "
+                           "pip install mlflow, or unset the key") from None
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment or run_name)
+    id_uri = metrics_uri(run_uri, "mlflow.json")
+    run_id = storage.read_json(id_uri)["run_id"] if storage.exists(id_uri) else None
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+    if run_id is None:
+        storage.write_json(id_uri, {"run_id": active.info.run_id, "tracking_uri": tracking_uri})
+        if params:
+            mlflow.log_params(params)
+    return mlflow
