@@ -1,4 +1,4 @@
-"""`raycpt` command line: prepare | train | tune | status | export | import | schedule | demo."""
+"""`raycpt` command line: prepare | train | tune | status | plot | export | import | schedule | demo."""
 
 from __future__ import annotations
 
@@ -62,6 +62,22 @@ def _cmd_tune(a: argparse.Namespace) -> int:
     job, tune = load_sweep(a.job, a.overrides)
     result = run_sweep(job, tune, address=a.address)
     return 1 if result["errors"] else 0
+
+
+def _cmd_plot(a: argparse.Namespace) -> int:
+    from raycpt.plot import plot_run
+
+    target = a.target
+    if target.endswith((".yaml", ".yml")) and os.path.exists(target):
+        from raycpt import storage
+        from raycpt.config import load_job
+
+        job = load_job(target, a.overrides)
+        storage.configure_storage(job.run.s3_endpoint_url)
+        target = job.run_uri
+    output = a.output or target.rstrip("/").rsplit("/", 1)[-1] + ".png"
+    print(plot_run(target, output))
+    return 0
 
 
 def _cmd_import(a: argparse.Namespace) -> int:
@@ -186,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_status)
 
+    s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps")
+    s.add_argument("target", help="run folder URI or job YAML")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--output", default=None, help="PNG path or URI (default: ./<run name>.png)")
+    s.set_defaults(fn=_cmd_plot)
+
     s = sub.add_parser("import", help="GGUF file -> HF folder usable as model.base")
     s.add_argument("gguf")
     s.add_argument("--output", required=True)
@@ -267,9 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         from raycpt.checkpoint.resume import ResumeError
         from raycpt.data.manifest import DataError
+        from raycpt.checkpoint.export import ExportError
+        from raycpt.model.hf import ModelError
+        from raycpt.plot import PlotError
         from raycpt.storage import StorageError
 
-        if isinstance(e, (DataError, ResumeError, StorageError, FileNotFoundError)):
+        if isinstance(e, (DataError, ResumeError, StorageError, FileNotFoundError, ExportError, ModelError, PlotError)):
             print(f"raycpt {args.cmd}: {e}", file=sys.stderr)
             return 2
         raise
