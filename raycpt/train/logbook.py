@@ -67,8 +67,9 @@ class MetricsLog:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(logdir=os.path.join(self.folder, TB_DIR), purge_step=start_step or None,
-                                    flush_secs=30)
+            # Steps after the checkpoint were trained by an attempt that died: TensorBoard drops them.
+            self.tb = SummaryWriter(logdir=os.path.join(self.folder, TB_DIR), purge_step=start_step + 1 if start_step
+                                    else None, flush_secs=30)
         self.mlflow = _start_mlflow(run_uri, run_name, mlflow_tracking_uri, mlflow_experiment, params) \
             if mlflow_tracking_uri else None
 

@@ -184,11 +184,12 @@ def run_worker(config: dict[str, Any]) -> None:
     sample_log: list[dict[str, Any]] = []
 
     def train_state() -> dict[str, Any]:
+        # A snapshot: an async save commits it later, after more evals may have been appended.
         return {
             "format_version": TRAIN_STATE_VERSION, "step": step, "data": plan.state.state_dict(),
             "source_names": source_names, "tokens_per_source": plan.tokens_per_source(job.data.seq_len),
             "config": job.model_dump(mode="json"), "config_fingerprint": job.fingerprint(), "world_size": world,
-            "rng": {"torch": torch.get_rng_state().tolist()}, "eval_history": eval_history,
+            "rng": {"torch": torch.get_rng_state().tolist()}, "eval_history": list(eval_history),
             "versions": {"torch": torch.__version__}, "wall_time": time.time(),
         }
 
