@@ -225,3 +225,16 @@ def test_metrics_log_tensorboard_and_plot(lora_run, tmp_path):
     png = tmp_path / "curves.png"
     assert main(["plot", lora_run, "--output", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_partial_training_config_errors_name_the_keys(tmp_path):
+    from raycpt.config import ConfigError
+
+    sources = {"code": str(tmp_path / "c"), "english": str(tmp_path / "e")}
+    tree = tiny_job_tree(str(tmp_path), str(tmp_path), sources, model={"init": {"source": "adapter"}})
+    with pytest.raises(ConfigError) as e:
+        parse_job(tree)
+    assert "model.init.adapter: required" in str(e.value) and "model.lora: required" in str(e.value)
+    tree = tiny_job_tree(str(tmp_path), str(tmp_path), sources, model={"lora": LORA, "freeze_embeddings": True})
+    with pytest.raises(ConfigError, match="model.freeze_embeddings: contradicts model.lora.train_embeddings"):
+        parse_job(tree)

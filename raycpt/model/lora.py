@@ -196,6 +196,9 @@ def check_adapter_config(folder: str, lora: LoraConfig) -> None:
     if saved.get("r") != lora.rank:
         problems.append(f"model.lora.rank: {lora.rank}, the adapter has r={saved.get('r')}")
     targets = saved.get("target_modules")
+    if targets is not None:
+        # Unsloth lists the fully trained embeddings among the targets; they are not adapters.
+        targets = [t for t in targets if t not in ("embed_tokens", "lm_head")]
     if targets is not None and set(targets) != set(lora.target_modules):
         problems.append(f"model.lora.target_modules: {sorted(lora.target_modules)}, the adapter has {sorted(targets)}")
     if saved.get("lora_alpha") is not None and float(saved["lora_alpha"]) != lora.alpha:
@@ -217,11 +220,14 @@ def load_adapter(model: nn.Module, folder: str, lora: LoraConfig) -> list[str]:
         keys = set(f.keys())
         for name, p in params.items():
             key = _peft_key(name)
-            if key not in keys:
+            # Older peft releases saved fully trained modules as `<module>.modules_to_save.weight`.
+            older = key.rsplit(".", 1)[0] + ".modules_to_save." + key.rsplit(".", 1)[1]
+            found = key if key in keys else older if older in keys else None
+            if found is None:
                 if is_adapter_param(name):
                     missing.append(key)
                 continue
-            _copy_full(p, f.get_tensor(key))
+            _copy_full(p, f.get_tensor(found))
             loaded.append(name)
     if missing:
         raise ModelError(f"model.init.adapter: {folder} lacks {len(missing)} adapter tensors, e.g. {missing[:3]}; "
