@@ -69,7 +69,9 @@ class MetricsLog:
 
             # Steps after the checkpoint were trained by an attempt that died: TensorBoard drops them.
             self.tb = SummaryWriter(logdir=os.path.join(self.folder, TB_DIR), purge_step=start_step + 1 if start_step
-                                    else None, flush_secs=30)
+                                    else None, flush_secs=30,
+                                    # one file per attempt even within a second (names carry time and host)
+                                    filename_suffix=f".{os.getpid()}.from-step-{start_step}")
         self.mlflow = _start_mlflow(run_uri, run_name, mlflow_tracking_uri, mlflow_experiment, params) \
             if mlflow_tracking_uri else None
 
