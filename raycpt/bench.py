@@ -15,7 +15,10 @@ from raycpt.data.stream import iter_local, iter_ray_data, make_spec, read_manife
 
 
 def bench_data(sources: list[str], steps: int, global_batch_size: int, workers: int, path: str = "ray",
-               window_rows: int = 1024, s3_endpoint_url: str | None = None) -> dict[str, float]:
+               window_rows: int = 1024, s3_endpoint_url: str | None = None,
+               step_time_s: float = 0.0) -> dict[str, float]:
+    """With `step_time_s` > 0 the loop sleeps that long per batch, as training would, and the
+    latencies are the time `next()` blocks (the data wait); with 0 it drains the stream flat out."""
     from raycpt import storage
 
     storage.configure_storage(s3_endpoint_url)
@@ -44,9 +47,11 @@ def bench_data(sources: list[str], steps: int, global_batch_size: int, workers: 
         if first is None:
             first = now - t0
         else:
-            latencies.append(now - last)
+            latencies.append(now - last)  # paced: `last` is after the simulated step, so only the wait
         tokens += ids.size
-        last = now
+        if step_time_s:
+            time.sleep(step_time_s)
+        last = time.perf_counter() if step_time_s else now
     total = last - t0 - (first or 0)
     lat = np.asarray(latencies) if latencies else np.zeros(1)
     return {

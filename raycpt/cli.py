@@ -128,7 +128,8 @@ def _cmd_bench_train(a: argparse.Namespace) -> int:
     o = TrainBenchOptions(shape=a.shape, workdir=a.workdir, seq_len=a.seq_len, micro_batch_size=a.micro_batch_size,
                           global_batch_size=a.global_batch_size or a.micro_batch_size * workers * 2, steps=a.steps,
                           warmup_steps=a.warmup_steps, workers=workers, use_gpu=use_gpu,
-                          checkpoint_every=a.checkpoint_every, baselines=baselines, overrides=a.overrides)
+                          checkpoint_every=a.checkpoint_every, baselines=baselines, overrides=a.overrides,
+                          profile_steps=tuple(a.profile) if a.profile else None)
     r = bench_train(o)
     if a.json:
         with open(a.json, "w") as f:
@@ -153,7 +154,8 @@ def _cmd_bench_data(a: argparse.Namespace) -> int:
     elif not a.source:
         raise SystemExit("raycpt bench data: give --source or --synthetic")
     r = bench_data(a.source, a.steps, a.global_batch_size, a.workers, path=a.path,
-                   window_rows=a.shuffle_window_rows, s3_endpoint_url=a.s3_endpoint_url)
+                   window_rows=a.shuffle_window_rows, s3_endpoint_url=a.s3_endpoint_url,
+                   step_time_s=a.step_time_ms / 1e3)
     print(f"stream ({a.path}) per worker of {a.workers}: {r['tokens_per_s']:,.0f} tokens/s | next batch median "
           f"{r['next_batch_median_ms']:.2f} ms, p99 {r['next_batch_p99_ms']:.2f} ms | first batch "
           f"{r['first_batch_s']:.2f} s | {r['tokens_per_step_per_worker']:,.0f} tokens per step per worker")
@@ -239,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--global-batch-size", type=int, default=64)
     b.add_argument("--workers", type=int, default=1, help="the stream of rank 0 of this many workers")
     b.add_argument("--shuffle-window-rows", type=int, default=1024)
+    b.add_argument("--step-time-ms", type=float, default=0.0,
+                   help="pace the reads like a training step of this length; latencies are then the data wait")
     b.add_argument("--path", choices=("ray", "local"), default="ray", help="through Ray Data, or in-process")
     b.add_argument("--s3-endpoint-url", default=os.environ.get("RAYCPT_S3_ENDPOINT_URL"))
     b.add_argument("--address", default=None)
@@ -267,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--baseline", nargs="+", choices=("compiled", "eager", "none"), default=["compiled", "eager"],
                    help="plain-loop baselines to run on one device in this process")
     b.add_argument("--cpu", action="store_true", help="CPU workers (gloo) even where a GPU is present")
+    b.add_argument("--profile", nargs=2, type=int, default=None, metavar=("START", "STOP"),
+                   help="torch.profiler over these steps of rank 0; kernel table to <workdir>/<run>.profile.txt")
     b.add_argument("--workdir", default=os.environ.get("RAYCPT_BENCH_DIR", "/tmp/raycpt-bench"),
                    help="model folder, shards and runs of the bench (reused between runs)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")

@@ -16,6 +16,8 @@ def run_status(run_uri: str) -> dict[str, Any]:
         "checkpoints": [{"step": e.step, "uri": e.uri, "committed": e.committed} for e in entries],
         "last_eval": None, "first_eval": None, "world_size": None,
     }
+    starts_uri = storage.join(run_uri, "metrics", "starts")
+    st["starts"] = [storage.read_json(storage.join(starts_uri, n)) for n in storage.list_dir(starts_uri)]
     if committed:
         ts = storage.read_json(storage.join(committed[-1].uri, TRAIN_STATE))
         st.update(latest_step=ts["step"], max_steps=ts["config"]["train"]["max_steps"],
@@ -35,6 +37,10 @@ def format_status(st: dict[str, Any]) -> str:
     total = sum(st["tokens_per_source"].values())
     for name, n in st["tokens_per_source"].items():
         lines.append(f"  tokens {name:<16} {n:>14,} ({100 * n / max(total, 1):.1f}%)")
+    if st.get("starts"):
+        last = st["starts"][-1]
+        lines.append(f"  starts       {len(st['starts'])} ({len(st['starts']) - 1} restarts); the last: {last['kind']} at "
+                     f"step {last['step']} on {last['world_size']} workers")
     lines.append("  checkpoints: " + ", ".join(f"{c['step']}{'' if c['committed'] else ' (incomplete)'}"
                                                for c in st["checkpoints"]))
     if st["last_eval"]:

@@ -126,15 +126,15 @@ def check_reachable(uri: str, key: str) -> None:
         return
     fs, path = filesystem(uri)
     bucket = path.split("/", 1)[0]
+    # A listing, not `exists`: s3fs answers `exists` with False for missing credentials too.
     try:
-        found = with_retries(lambda: fs.exists(bucket), f"{key}: checking s3://{bucket}")
+        with_retries(lambda: fs.ls(bucket, refresh=True), f"checking s3://{bucket}")
+    except FileNotFoundError:
+        raise StorageError(f"{key}: the bucket s3://{bucket} does not exist; create it or fix the URI") from None
     except StorageError as e:
         raise StorageError(f"{key}: {e}") from None
     except Exception as e:  # noqa: BLE001 - name the key whatever the client raised
         raise StorageError(f"{key}: s3://{bucket} cannot be reached ({type(e).__name__}: {e})") from None
-    if not found:
-        raise StorageError(f"{key}: the bucket s3://{bucket} does not exist (or these credentials cannot see "
-                           "it); create it or fix the URI")
 
 
 def exists(uri: str) -> bool:

@@ -13,7 +13,7 @@ import pytest
 STDLIB = sysconfig.get_paths()["stdlib"]
 
 # The loopback S3 server accepts any credentials; set before Ray starts so its workers inherit them.
-for _k, _v in (("AWS_ACCESS_KEY_ID", "raycpt-test"), ("AWS_SECRET_ACCESS_KEY", "raycpt-test"),
+for _k, _v in (("AWS_ACCESS_KEY_ID", "loopback-key-id"), ("AWS_SECRET_ACCESS_KEY", "loopback-secret-a9f3"),
                ("AWS_DEFAULT_REGION", "us-east-1")):
     os.environ.setdefault(_k, _v)
 

@@ -31,11 +31,11 @@ CLUSTER_RUN = textwrap.dedent("""
     from raycpt.launch import train
 
     job = load_job(sys.argv[1])
-    # The head holds no CPU: training workers and their readers live on the two worker nodes,
-    # each with room for one worker (1 CPU) and its reader (0.25 CPU).
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    doomed = cluster.add_node(num_cpus=1.5)
-    cluster.add_node(num_cpus=1.5)
+    # Each worker node has room for exactly one training worker (2 CPUs); the head's one CPU
+    # holds the readers (0.25 CPU each).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    doomed = cluster.add_node(num_cpus=2)
+    cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
 
@@ -58,7 +58,7 @@ def test_elastic_run_loses_a_node_and_finishes_on_fewer_workers(straight_run, tm
     _, straight_uri = straight_run
     tree = tiny_job_tree(str(tmp_path / "runs"), tiny_model, prepared_sources, run={"name": "elastic"},
                          train={"max_steps": 8, "log_sample_ids": True},
-                         scaling={"num_workers": [1, 2]}, checkpoint={"max_failures": 3})
+                         scaling={"num_workers": [1, 2], "cpus_per_worker": 2}, checkpoint={"max_failures": 3})
     job_yaml = tmp_path / "job.yaml"
     job_yaml.write_text(yaml.safe_dump(tree))
     script = tmp_path / "cluster_run.py"

@@ -23,14 +23,19 @@ from raycpt import storage
 from raycpt.checkpoint.layout import COMMIT_MARKER, TRAIN_STATE, list_checkpoints, step_uri, to_delete
 
 
+_WRITE_THREADS = 8
+
+
 def _writer(uri: str):
     if storage.is_remote(uri):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
         endpoint = os.environ.get("RAYCPT_S3_ENDPOINT_URL")
         kwargs = {"endpoint_url": endpoint} if endpoint and uri.startswith("s3://") else {}
-        return FsspecWriter(uri, sync_files=False, **kwargs)
-    return dcp.FileSystemWriter(storage.local_path(uri), sync_files=True)
+        # Several objects per rank, uploaded by parallel threads: object stores are fast in
+        # aggregate, slow per stream, and a multi-GB single object is fragile to upload.
+        return FsspecWriter(uri, sync_files=False, thread_count=_WRITE_THREADS, **kwargs)
+    return dcp.FileSystemWriter(storage.local_path(uri), sync_files=True, thread_count=_WRITE_THREADS)
 
 
 def _reader(uri: str):
@@ -41,6 +46,16 @@ def _reader(uri: str):
         kwargs = {"endpoint_url": endpoint} if endpoint and uri.startswith("s3://") else {}
         return FsspecReader(uri, **kwargs)
     return dcp.FileSystemReader(storage.local_path(uri))
+
+
+def _background_stager():
+    """DCP's stager with pinned buffers and background copies, where this torch has it."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        return None
+    return DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=True,
+                                        use_non_blocking_copy=True))
 
 
 def model_state(model: nn.Module) -> dict[str, Any]:
@@ -87,6 +102,11 @@ class Checkpointer:
         self.before_commit = before_commit
         # Background saves talk on their own group so they never interleave with training collectives.
         self.pg = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        # On GPUs the device-to-host copy (staging) also runs in the background, into pinned
+        # buffers reused across saves; the loop only waits for it before the next optimizer step,
+        # the first moment the weights change. On CPU, staging is the synchronous copy.
+        self.stager = _background_stager() if async_save and torch.cuda.is_available() else None
+        self.staging: Future | None = None
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              train_state: dict[str, Any]) -> float:
@@ -94,10 +114,16 @@ class Checkpointer:
         t0 = time.perf_counter()
         self.wait()
         uri = step_uri(self.run_uri, step)
+        if self.rank == 0 and storage.exists(uri) and not storage.exists(storage.join(uri, COMMIT_MARKER)):
+            # A torn save of this step from before a restart (maybe by another world size): start
+            # clean. No rank writes before DCP's planning collective, which waits for rank 0.
+            storage.remove_tree(uri)
         state = {"model": model_state(model), "optimizer": optimizer_state(model, optimizer)}
         if self.async_save:
-            fut = dcp.async_save(state, storage_writer=_writer(uri), process_group=self.pg)
+            kwargs = {"async_stager": self.stager} if self.stager is not None else {}
+            fut = dcp.async_save(state, storage_writer=_writer(uri), process_group=self.pg, **kwargs)
             if not isinstance(fut, Future):  # newer torch returns a response object
+                self.staging = fut.staging_completion
                 fut = fut.upload_completion
             self.pending, self.pending_step = fut, step
             self._pending_state = train_state
@@ -106,16 +132,34 @@ class Checkpointer:
             self._commit(step, train_state)
         return time.perf_counter() - t0
 
+    def wait_for_staging(self) -> float:
+        """Block until the in-flight save has its own copy of the state (call before the weights
+        change, i.e. before optimizer.step()); returns the seconds blocked."""
+        if self.staging is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.staging.result()
+        self.staging = None
+        return time.perf_counter() - t0
+
     def wait(self) -> float:
         """Block until the in-flight save (if any) is durable and committed."""
         if self.pending is None:
             return 0.0
         t0 = time.perf_counter()
+        self.wait_for_staging()
         self.pending.result()
         step, state = self.pending_step, self._pending_state
         self.pending, self.pending_step = None, None
         self._commit(step, state)
         return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Wait for the last save and free the staging buffers."""
+        self.wait()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
 
     def _commit(self, step: int, train_state: dict[str, Any]) -> None:
         # Every rank's shards are on storage once DCP returns on all ranks; the barrier makes

@@ -36,7 +36,7 @@ from raycpt.train.logbook import MetricsLog
 from raycpt.train.metrics import device_peak_flops, eval_line, flops_per_token, progress_line
 from raycpt.train.optim import build_optimizer, set_lr
 from raycpt.train.schedule import lr_at
-from raycpt.train.step import StepClock, forward_backward, peak_memory_gib
+from raycpt.train.step import StepClock, StepProfiler, forward_backward, peak_memory_gib
 from raycpt.train.signals import sigterm_requested
 
 
@@ -177,6 +177,7 @@ def run_worker(config: dict[str, Any]) -> None:
     peak = device_peak_flops(device)
     timer = WaitTimer()
     clock = StepClock(device)
+    profiler = StepProfiler(config.get("profile"), rank)
     use_chunked_loss(model, job.model.loss_chunk_tokens)
     mlog = MetricsLog(job.run_uri, job.run.name, step, rank, job.metrics.tensorboard, job.metrics.mlflow_tracking_uri,
                       job.metrics.mlflow_experiment, params={"peak_lr": job.optim.peak_lr,
@@ -216,6 +217,16 @@ def run_worker(config: dict[str, Any]) -> None:
         say(f"checkpoint: step {step} ({reason}) saving, loop blocked {stall:.2f}s")
         return stall
 
+    reported_step: list[int | None] = [None]
+
+    def report_commit() -> None:
+        """Record each newly committed checkpoint with Ray Train (ray.train.get_checkpoint after a
+        restart); storage stays the authority on what is committed."""
+        done = checkpointer.last_committed_step
+        if ray_train is not None and done is not None and done != reported_step[0]:
+            _report_checkpoint(ray_train, job, done)
+            reported_step[0] = done
+
     if not eval_history:
         evaluate()
 
@@ -238,10 +249,12 @@ def run_worker(config: dict[str, Any]) -> None:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        ckpt_stall += checkpointer.wait_for_staging()  # a background save still copying the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.mark()
         step += 1
+        profiler.step(step)
         window_steps += 1
 
         if job.train.log_sample_ids:
@@ -298,13 +311,17 @@ def run_worker(config: dict[str, Any]) -> None:
 
         # -- checkpoint
         if step % job.checkpoint.interval_steps == 0 or step == job.train.max_steps or stop_now:
+            if stop_now and stop.reason is None:
+                stop.set("another worker's stop request")
             reason = stop.reason or ("final" if step == job.train.max_steps else "interval")
             ckpt_stall += save(reason)
+            report_commit()  # the previous save, committed by now when saves are async
             if job.train.log_sample_ids and rank == 0:
                 _append_sample_log(job.run_uri, sample_log)
                 sample_log.clear()
         if stop_now:
             checkpointer.wait()
+            report_commit()
             if stop.reason == "preemption notice":
                 # Ray's advice: save just in time and keep training; when the node goes, Ray Train
                 # restarts the group and the run resumes from this checkpoint.
@@ -312,13 +329,12 @@ def run_worker(config: dict[str, Any]) -> None:
                 stop.reason = None
                 continue
             # Raise rather than return: a returning run counts as finished for Ray Train and RayJob.
-            raise RuntimeError(f"stopped at step {step} by {stop.reason or 'another worker'}; "
+            raise RuntimeError(f"stopped at step {step} by {stop.reason}; "
                                "checkpoint committed, resubmit the job to resume")
 
-    checkpointer.wait()
+    checkpointer.close()
+    report_commit()
     mlog.close()
-    if ray_train is not None and checkpointer.last_committed_step is not None:
-        _report_checkpoint(ray_train, job, checkpointer.last_committed_step, train_state())
     say(f"done at step {step}; tokens per source: {json.dumps(plan.tokens_per_source(job.data.seq_len))}")
 
 
@@ -354,15 +370,16 @@ def _append_sample_log(run_uri: str, entries: list[dict[str, Any]]) -> None:
     storage.write_json(storage.join(run_uri, "samples", name), entries)
 
 
-def _report_checkpoint(ray_train, job: JobConfig, step: int, state: dict[str, Any]) -> None:
-    """Tell Ray Train about the committed checkpoint (it lives under Ray's run folder already)."""
+def _report_checkpoint(ray_train, job: JobConfig, step: int) -> None:
+    """Tell Ray Train about a committed checkpoint (it lives under Ray's run folder already); every
+    rank calls this at the same point, as Ray Train's report requires."""
     from ray.train import Checkpoint, CheckpointUploadMode
 
     uri = step_uri(job.run_uri, step)
     try:
         fs = ray_train.get_context().get_storage().storage_filesystem
         path = uri.split("://", 1)[-1] if storage.is_remote(uri) else storage.local_path(uri)
-        ray_train.report({"step": step, "tokens": sum(state["tokens_per_source"].values())},
+        ray_train.report({"step": step, "tokens": step * job.train.global_batch_size * job.data.seq_len},
                          checkpoint=Checkpoint(path=path, filesystem=fs),
                          checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
     except ValueError as e:  # storage laid out differently from Ray's run folder: storage still wins
