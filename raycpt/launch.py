@@ -27,7 +27,8 @@ def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
     # Reader and prepare tasks are I/O bound: give the local node a few logical CPUs more than
     # the training workers hold so they always fit beside them.
     cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)
-    ray.init(num_cpus=cpus, log_to_driver=True,
+    # "local": a Ray some other program started on this machine is not ours to join (nor sized for us).
+    ray.init(address="local", num_cpus=cpus, log_to_driver=True,
              runtime_env={"env_vars": _forwarded_env()})
 
 
