@@ -28,14 +28,9 @@ def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
     # the training workers hold so they always fit beside them.
     cpus = max(os.cpu_count() or 1, int(min_cpus + 0.999) + 2)
     # "local": a Ray some other program started on this machine is not ours to join (nor sized for us).
-    ray.init(address="local", num_cpus=cpus, log_to_driver=True,
-             runtime_env={"env_vars": _forwarded_env()})
-
-
-def _forwarded_env() -> dict[str, str]:
-    keep = ("RAYCPT_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return {k: os.environ[k] for k in keep if k in os.environ}
+    # Its processes inherit this environment (AWS credentials included) from the raylet this
+    # call starts; credentials are never put in a runtime_env, which Ray shows in its dashboard.
+    ray.init(address="local", num_cpus=cpus, log_to_driver=True)
 
 
 def _ray_storage(job: JobConfig) -> tuple[str, Any]:

@@ -1,6 +1,8 @@
 """An elastic run (`scaling.num_workers: [1, 2]`) on a multi-node Ray cluster (ray.cluster_utils):
-it starts on 2 workers, one node is removed mid-run (a reclaimed spot node), Ray Train carries
-on with the 1 worker that still fits, and the run ends where an uninterrupted run ends.
+it starts on 2 workers; one node gets a spot preemption notice (a drain with a deadline, as
+KubeRay's preStop hook sends), the run checkpoints at the next step and trains on; then the node
+is gone, Ray Train carries on with the 1 worker that still fits, resumes from that checkpoint,
+and the run ends where an uninterrupted run ends.
 
 The cluster lives in a subprocess: this test session already runs its own local Ray.
 """
@@ -23,9 +25,10 @@ from raycpt.checkpoint.layout import latest_committed
 pytestmark = pytest.mark.slow
 
 CLUSTER_RUN = textwrap.dedent("""
-    import json, sys, threading, time
+    import json, os, subprocess, sys, threading, time
     import ray
     from ray.cluster_utils import Cluster
+    from raycpt import storage
     from raycpt.checkpoint.layout import latest_committed
     from raycpt.config import load_job
     from raycpt.launch import train
@@ -39,13 +42,28 @@ CLUSTER_RUN = textwrap.dedent("""
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
 
-    def remove_a_node():
+    def reclaim_a_node():
+        # A spot reclaim as KubeRay's preStop hook reports it: a preemption drain with a deadline,
+        # then the node is gone.
         while latest_committed(job.run_uri) is None or latest_committed(job.run_uri).step < 2:
+            time.sleep(0.2)
+        ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        subprocess.run([ray_cli, "drain-node", f"--address={cluster.address}", f"--node-id={doomed.node_id}",
+                        "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim",
+                        "--deadline-remaining-seconds=120"], check=True, capture_output=True)
+        t0 = time.time()
+        while time.time() - t0 < 120:  # until the just-in-time checkpoint of the notice commits
+            try:
+                state = storage.read_json(storage.join(latest_committed(job.run_uri).uri, "train_state.json"))
+            except FileNotFoundError:  # retention removed it between the listing and the read
+                continue
+            if state.get("reason") == "preemption notice":
+                break
             time.sleep(0.2)
         cluster.remove_node(doomed, allow_graceful=False)
         print("removed a node at committed step", latest_committed(job.run_uri).step, flush=True)
 
-    threading.Thread(target=remove_a_node, daemon=True).start()
+    threading.Thread(target=reclaim_a_node, daemon=True).start()
     result = train(job)
     print("RESULT", json.dumps({"error": None if result.error is None else str(result.error)}), flush=True)
     ray.shutdown()
@@ -57,7 +75,7 @@ def test_elastic_run_loses_a_node_and_finishes_on_fewer_workers(straight_run, tm
                                                                   prepared_sources):
     _, straight_uri = straight_run
     tree = tiny_job_tree(str(tmp_path / "runs"), tiny_model, prepared_sources, run={"name": "elastic"},
-                         train={"max_steps": 8, "log_sample_ids": True},
+                         train={"max_steps": 8, "log_sample_ids": True},  # the notice is polled every step
                          scaling={"num_workers": [1, 2], "cpus_per_worker": 2}, checkpoint={"max_failures": 3})
     job_yaml = tmp_path / "job.yaml"
     job_yaml.write_text(yaml.safe_dump(tree))
@@ -76,6 +94,7 @@ def test_elastic_run_loses_a_node_and_finishes_on_fewer_workers(straight_run, tm
     starts = [storage.read_json(storage.join(folder, n)) for n in storage.list_dir(folder)]
     assert [s["world_size"] for s in starts][:1] == [2] and starts[-1]["world_size"] == 1, starts
     assert starts[-1]["kind"] == "resume"
+    assert starts[-1]["saved_for"] == "preemption notice", starts[-1]
     assert latest_committed(run_uri).step == 8
     straight = {s: ids for s, ids in sample_log(straight_uri).items() if s < 8}
     assert sample_log(run_uri) == straight, "the elastic run trained a different sample sequence"

@@ -198,7 +198,9 @@ def iter_ray_data(spec: StreamSpec, start_step: int, end_step: int, prefetch_bat
         part_spec = StreamSpec(**{**asdict(spec), "plan_state": state})
         blocks = -(-(last - first) // _STEPS_PER_BLOCK)
         ds = ray.data.range(last - first, override_num_blocks=blocks).map_batches(
-            lambda b, o=first: {"id": b["id"] + o}, batch_size=None, zero_copy_batch=True,
+            # The step-number tasks ask for a reader's share of a CPU, not a whole one: training
+            # workers may hold every whole CPU of their nodes.
+            lambda b, o=first: {"id": b["id"] + o}, batch_size=None, zero_copy_batch=True, num_cpus=reader_cpus,
         ).map_batches(BatchReader, fn_constructor_args=(part_spec,), batch_size=_STEPS_PER_BLOCK, concurrency=1,
                       num_cpus=reader_cpus, batch_format="numpy")
         for batch in ds.iter_batches(batch_size=1, prefetch_batches=prefetch_batches, batch_format="numpy"):

@@ -100,7 +100,8 @@ def run_worker(config: dict[str, Any]) -> None:
         storage.write_json(storage.join(job.run_uri, "metrics", "starts", f"{time.time_ns()}.json"), {
             "kind": decision.kind, "world_size": world, "wall_time": time.time(),
             "step": int(decision.train_state["step"]) if decision.kind == "resume" else 0,
-            "checkpoint": decision.checkpoint.uri if decision.checkpoint else None})
+            "checkpoint": decision.checkpoint.uri if decision.checkpoint else None,
+            "saved_for": decision.train_state.get("reason") if decision.kind == "resume" else None})
 
     # ---- Data and model must fit together before any step ---------------------------------------
     model_config = load_config(job.model.base) if job.model.base else None
@@ -212,7 +213,7 @@ def run_worker(config: dict[str, Any]) -> None:
                               **{f"eval/forgetting/{k}": v for k, v in record["forgetting"].items()}})
 
     def save(reason: str) -> float:
-        stall = checkpointer.save(step, model, optimizer, train_state())
+        stall = checkpointer.save(step, model, optimizer, {**train_state(), "reason": reason})
         mlog.flush()
         say(f"checkpoint: step {step} ({reason}) saving, loop blocked {stall:.2f}s")
         return stall
