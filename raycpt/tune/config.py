@@ -1,0 +1,286 @@
+"""The `tune:` section of a job YAML: what a sweep searches, for how long, and what it minimises.
+
+    tune:
+      space:                                    # dotted job keys -> distribution
+        optim.peak_lr: {loguniform: [3.0e-5, 1.0e-3]}
+        data.replay_ratio: {grid: [0.05, 0.15, 0.25]}
+      num_samples: 2                            # random draws (each grid point this many times)
+      max_concurrent_trials: 2
+      max_steps_per_trial: 24                   # every trial's train.max_steps
+      scheduler: {kind: asha, grace_period_steps: 8, reduction_factor: 2}
+      objective: {forgetting_tolerance: 0.05, forgetting_penalty: 10}
+
+Every searched value becomes a dotted override of the job (the one config mechanism), so a key
+can be searched exactly when `raycpt train JOB key=value` accepts it; that is checked when the
+sweep loads, for the bounds and every listed value, and an error names `tune.space.<key>`.
+`raycpt train` ignores this section; `raycpt tune` reads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raycpt.config import (ConfigError, JobConfig, _dotted, _fix_hint, _split_dotted, apply_overrides, parse_job,
+                           resolve_relative_paths)
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParamSpace(_Section):
+    """One searched key: exactly one of the four distributions."""
+
+    loguniform: tuple[float, float] | None = Field(
+        None, description="[low, high], both > 0: sampled uniformly in log space (learning rates).")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high]: sampled uniformly.")
+    choice: list[Any] | None = Field(None, min_length=1, description="Values drawn at random, one per sample.")
+    grid: list[Any] | None = Field(
+        None, min_length=1, description="Every value is tried (times num_samples); grids of several keys multiply.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ParamSpace":
+        given = [k for k in DISTRIBUTIONS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)} (got {given or 'none'})")
+        for kind in ("loguniform", "uniform"):
+            bounds = getattr(self, kind)
+            if bounds is not None:
+                lo, hi = bounds
+                if not lo < hi:
+                    raise ValueError(f"{kind}: need low < high (got [{lo}, {hi}])")
+                if kind == "loguniform" and lo <= 0:
+                    raise ValueError(f"loguniform: low must be > 0 (got {lo}); use uniform for ranges from 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DISTRIBUTIONS if getattr(self, k) is not None)
+
+    def probe_values(self) -> list[Any]:
+        """Values that stand for the whole range when the job schema checks the key."""
+        v = getattr(self, self.kind)
+        return list(v)
+
+
+class SchedulerSection(_Section):
+    kind: Literal["asha", "median", "fifo"] = Field(
+        "asha",
+        description="asha: asynchronous successive halving (stops the worse trials at each rung); "
+        "median: stop a trial whose objective is worse than the median of the others at the same "
+        "step; fifo: no early stopping, every trial runs its full budget.",
+    )
+    grace_period_steps: int | None = Field(
+        None, gt=0, description="Steps every trial trains before it can be stopped (first ASHA rung); "
+        "default: eval.interval_steps.")
+    reduction_factor: float = Field(
+        2.0, gt=1, description="asha: rungs at grace_period x factor^k steps; at each rung about "
+        "1/factor of the trials go on.")
+    min_samples_required: int = Field(
+        2, ge=1, description="median: trials that must have reached a step before the rule stops any.")
+
+
+class ObjectiveSection(_Section):
+    """objective = new_loss + forgetting_penalty * max(0, forgetting - forgetting_tolerance)
+
+    new_loss is the mean held-out loss of the `role: new` sources; forgetting is the rise of the
+    held-out loss of the `role: replay` sources since step 0 (their max, or mean), in nats."""
+
+    forgetting_tolerance: float = Field(
+        0.05, ge=0, description="Nats the old-domain (replay) loss may rise before the penalty applies.")
+    forgetting_penalty: float = Field(
+        10.0, ge=0, description="Objective added per nat of old-domain loss rise above the tolerance "
+        "(0: optimise the new domain alone).")
+    forgetting: Literal["max", "mean"] = Field(
+        "max", description="How several replay sources combine: the worst one, or their mean.")
+
+
+class TuneSection(_Section):
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$",
+        description="Sweep name; the sweep folder is <run.storage>/<name> (trials' run folders, "
+        "Tune's state, results). Fixed, so re-running the command continues the sweep. "
+        "Default: <run.name>-sweep.")
+    space: dict[str, ParamSpace] = Field(
+        description="Dotted job key (as in an override) -> distribution. Nested keys "
+        "(optim: {peak_lr: {...}}) are read as dotted ones.")
+    num_samples: int = Field(
+        4, gt=0, description="Random draws; with grid keys, repeats of the whole grid. The job-config "
+        "trial (evaluate_job_config) comes on top.")
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="Trials training at once; default: as many as the cluster's CPUs/GPUs "
+        "hold now (each trial needs its scaling section's workers).")
+    max_steps_per_trial: int | None = Field(
+        None, gt=0, description="The budget of a trial that is never stopped: every trial's "
+        "train.max_steps (its LR schedule decays over it). Default: the job's train.max_steps. "
+        "The best-config YAML keeps the job's own train.max_steps.")
+    evaluate_job_config: bool = Field(
+        True, description="Also train the job's own values of the searched keys as the first trial "
+        "(the baseline the table compares with).")
+    seed: int | None = Field(None, ge=0, description="Seed of the random draws; default run.seed.")
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    trial_driver_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 0.1},
+        description="Ray resources of each trial's driver (the Tune trial that starts its Ray Train "
+        "run and waits); the training workers reserve their own from the scaling section. Give it a "
+        "custom resource of an on-demand node to keep drivers off spot nodes.")
+    max_trial_failures: int = Field(
+        2, ge=0, description="Restarts of a failed trial (each resumes from its own newest checkpoint).")
+    trial_keep_last: int = Field(
+        1, gt=0, description="checkpoint.keep_last of every trial (trial checkpoints only serve resumption).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _flatten_space(space: Any, prefix: str = "") -> dict[str, Any]:
+    """{optim: {peak_lr: {loguniform: ..}}} and {"optim.peak_lr": {loguniform: ..}} alike."""
+    if not isinstance(space, dict):
+        return {prefix: space}
+    if prefix and (set(space) & set(DISTRIBUTIONS) or not space):
+        return {prefix: space}
+    out: dict[str, Any] = {}
+    for k, v in space.items():
+        out.update(_flatten_space(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Copy of `tree` with `key` (a.b[0].c) set to a Python value (no YAML string round trip)."""
+    tree = apply_overrides(tree, [f"{key}=placeholder"])  # creates missing parents as an override does
+    parts = _split_dotted(key)
+    node: Any = tree
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = copy.deepcopy(value)
+    return tree
+
+
+def _section_errors(e: ValidationError, prefix: str) -> list[str]:
+    lines = []
+    for err in e.errors():
+        loc = err["loc"]
+        if loc and loc[0] == "space" and len(loc) > 1:
+            # Space keys hold dots themselves: `tune.space.optim.peak_lr.loguniform`.
+            path = f"{prefix}.space.{loc[1]}" + ("." + _dotted(loc[2:]) if len(loc) > 2 else "")
+        else:
+            path = f"{prefix}.{_dotted(loc)}" if loc else prefix
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else _fix_hint(err)
+        got = err.get("input")
+        got_txt = f" (got {got!r})" if err["type"] not in ("missing", "value_error") and not isinstance(got, dict) else ""
+        lines.append(f"{path}: {msg}{got_txt}")
+    return lines
+
+
+def trial_tree(base: dict[str, Any], tune: TuneSection, values: dict[str, Any], run_name: str,
+               storage_uri: str) -> dict[str, Any]:
+    """The job of one trial: the base job, the trial's values, its own run folder and budget."""
+    tree = copy.deepcopy(base)
+    for key, value in values.items():
+        tree = set_dotted(tree, key, value)
+    tree["run"]["name"] = run_name
+    tree["run"]["storage"] = storage_uri
+    if tune.max_steps_per_trial is not None:
+        tree["train"]["max_steps"] = tune.max_steps_per_trial
+    tree["checkpoint"]["keep_last"] = tune.trial_keep_last
+    return tree
+
+
+def parse_sweep(tree: dict[str, Any], base_dir: str | Path) -> tuple[JobConfig, TuneSection]:
+    """Validate a job tree that has a `tune:` section; raise ConfigError listing every problem.
+
+    Relative paths resolve against `base_dir` (the YAML's folder)."""
+    tree = copy.deepcopy(tree)
+    raw = tree.pop("tune", None)
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError("tune: missing; add a `tune:` section with at least `space:` (see jobs/sweep.yaml)")
+    raw = dict(raw)
+    if isinstance(raw.get("space"), dict):
+        raw["space"] = _flatten_space(raw["space"])
+    job = resolve_relative_paths(parse_job(tree), Path(base_dir))
+    try:
+        tune = TuneSection.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError("invalid sweep config:\n  " + "\n  ".join(_section_errors(e, "tune"))) from None
+
+    base = job.model_dump(mode="json")
+    if not tune.space:
+        problems.append("tune.space: empty; name at least one dotted key, e.g. optim.peak_lr: {loguniform: [1e-5, 1e-3]}")
+    for key, spec in tune.space.items():
+        if key.split(".")[0].split("[")[0] in ("run", "tune"):
+            problems.append(f"tune.space.{key}: run.* and tune.* are fixed per sweep; search training keys only")
+            continue
+        for value in spec.probe_values():
+            try:
+                parse_job(trial_tree(set_dotted(base, key, value), tune, {}, "probe", job.run.storage))
+            except ConfigError as e:
+                detail = str(e).split("\n", 1)[-1].strip().replace("\n  ", "; ")
+                problems.append(f"tune.space.{key}: value {value!r} makes an invalid job: {detail}")
+                break
+            except Exception as e:  # noqa: BLE001 - the override path itself is wrong (no such list index)
+                problems.append(f"tune.space.{key}: not a key of the job ({e})")
+                break
+    if tune.max_steps_per_trial is not None:
+        try:
+            parse_job(trial_tree(base, tune, {}, "probe", job.run.storage))
+        except ConfigError as e:
+            detail = str(e).split("\n", 1)[-1].strip().replace("\n  ", "; ")
+            problems.append(f"tune.max_steps_per_trial: {tune.max_steps_per_trial} makes an invalid job: {detail}")
+    steps = tune.max_steps_per_trial or job.train.max_steps
+    if tune.scheduler.kind != "fifo":
+        every = job.eval.interval_steps
+        grace = tune.scheduler.grace_period_steps or every
+        if every is None:
+            problems.append(f"eval.interval_steps: early stopping ({tune.scheduler.kind}) needs evaluations before "
+                            f"the end of a trial; set it, e.g. eval.interval_steps={max(1, steps // 4)}, or "
+                            "tune.scheduler.kind=fifo")
+        elif grace is not None and grace < every:
+            problems.append(f"tune.scheduler.grace_period_steps: {grace} is shorter than eval.interval_steps {every}; "
+                            "a trial cannot be judged before its first evaluation")
+        if grace is not None and grace >= steps:
+            problems.append(f"tune.scheduler.grace_period_steps: {grace} leaves no room to stop a trial of {steps} "
+                            "steps; make it smaller than tune.max_steps_per_trial")
+    roles = {s.role for s in job.data.sources}
+    if "new" not in roles:
+        problems.append("data.sources[*].role: the sweep objective needs a source with role: new")
+    if tune.objective.forgetting_penalty > 0 and "replay" not in roles:
+        problems.append("tune.objective.forgetting_penalty: no source has role: replay to measure forgetting; "
+                        "mark one, or set tune.objective.forgetting_penalty=0")
+    if problems:
+        raise ConfigError("invalid sweep config:\n  " + "\n  ".join(problems))
+    if tune.name is None:
+        tune = tune.model_copy(update={"name": f"{job.run.name}-sweep"})
+    if tune.seed is None:
+        tune = tune.model_copy(update={"seed": job.run.seed})
+    return job, tune
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[JobConfig, TuneSection]:
+    """Load a job YAML with a `tune:` section; overrides may name job keys or tune keys
+    (`tune.num_samples=8`)."""
+    text = Path(path).read_text()
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a job YAML must be a mapping of sections (run, model, data, tune, ...)")
+    return parse_sweep(apply_overrides(tree, list(overrides)), Path(path).resolve().parent)
+
+
+def sweep_fingerprint(job: JobConfig, tune: TuneSection) -> str:
+    """What a sweep is: its base job and its tune section (a re-run must match to continue)."""
+    d = {"job": job.model_dump(mode="json"), "tune": tune.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
