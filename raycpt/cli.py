@@ -129,7 +129,8 @@ def _cmd_bench_train(a: argparse.Namespace) -> int:
                           global_batch_size=a.global_batch_size or a.micro_batch_size * workers * 2, steps=a.steps,
                           warmup_steps=a.warmup_steps, workers=workers, use_gpu=use_gpu,
                           checkpoint_every=a.checkpoint_every, baselines=baselines, overrides=a.overrides,
-                          profile_steps=tuple(a.profile) if a.profile else None)
+                          profile_steps=tuple(a.profile) if a.profile else None,
+                          baseline_micro_batch_size=a.baseline_micro_batch_size)
     r = bench_train(o)
     if a.json:
         with open(a.json, "w") as f:
@@ -270,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="async checkpoint interval in steps (default: only the final save, untimed)")
     b.add_argument("--baseline", nargs="+", choices=("compiled", "eager", "none"), default=["compiled", "eager"],
                    help="plain-loop baselines to run on one device in this process")
+    b.add_argument("--baseline-micro-batch-size", type=int, default=None,
+                   help="micro-batch of the plain loops (default: --micro-batch-size; halved on out-of-memory)")
     b.add_argument("--cpu", action="store_true", help="CPU workers (gloo) even where a GPU is present")
     b.add_argument("--profile", nargs=2, type=int, default=None, metavar=("START", "STOP"),
                    help="torch.profiler over these steps of rank 0; kernel table to <workdir>/<run>.profile.txt")

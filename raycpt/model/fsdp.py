@@ -19,6 +19,13 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | N
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     layers = decoder_layers(model)
+    if compile_blocks:
+        # Every block shares one forward code object, and a guard on a per-block attribute (HF's
+        # layer_idx, read whenever a KV cache is built) recompiles it per block; past the recompile
+        # limit (8 by default) Dynamo silently leaves the remaining blocks eager.
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(layers) + 8)
     for i, block in enumerate(layers):
         if activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -27,8 +34,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | N
         if compile_blocks:
             block = torch.compile(block, fullgraph=False)
         layers[i] = block
-        # The last block's params are needed right away by backward: keep them unsharded.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+        # The last block's params are needed right away by backward: keep them unsharded. On one
+        # worker nothing is sharded, so resharding would only re-cast every weight to bf16 twice a step.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=mesh.size() > 1 and i < len(layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 

@@ -1,0 +1,345 @@
+"""`raycpt bench train`: the real training path's speed next to a plain PyTorch loop.
+
+The real path is exactly `raycpt train`: Ray Train's TorchTrainer, each worker's Ray Data stream
+over Parquet shards, FSDP2, the chunked loss, checkpoints. The bench only supplies what a random
+model needs: a model folder (config.json of a named shape and a word-level tokenizer over its
+vocabulary) and random-token shards written in the prepared-shard format with that tokenizer's
+identity, so the data checks of a real job pass. The workers start from random weights
+(loop option `random_weights`), never reading a weights file.
+
+The baseline is the same architecture as a plain transformers loop in this process, on one
+device: fp32 weights, bf16 autocast, fused AdamW, full-vocabulary logits and HF's loss, eager or
+`torch.compile(model)`, fed from tensors already on the device. Both are timed alike: CUDA events
+at step boundaries, the first `warmup_steps` steps (compilation, allocator growth) left out.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from raycpt.model.shapes import SHAPES, llama_config
+from raycpt.train.metrics import device_peak_flops, flops_per_token
+from raycpt.train.step import StepClock, peak_memory_gib
+
+
+@dataclass
+class TrainBenchOptions:
+    shape: str
+    workdir: str
+    seq_len: int = 2048
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    steps: int = 40
+    warmup_steps: int = 10
+    workers: int = 1
+    use_gpu: bool = False
+    checkpoint_every: int | None = None  # None: only the final save (after the timed steps)
+    baselines: tuple[str, ...] = ("compiled", "eager")
+    overrides: list[str] = field(default_factory=list)  # dotted job overrides, e.g. model.compile=false
+    profile_steps: tuple[int, int] | None = None  # profile these steps [start, stop) of rank 0
+    baseline_micro_batch_size: int | None = None  # None: the real path's; halved on out-of-memory
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose ids are exactly 0..vocab_size-1 ("<i>"); id 0 is EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<0>", unk_token="<0>")
+
+
+def write_model_folder(shape: str, folder: str) -> str:
+    """config.json of the shape + its synthetic tokenizer (no weights); kept if already there."""
+    if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+        return folder
+    cfg = llama_config(shape)
+    os.makedirs(folder, exist_ok=True)
+    cfg.save_pretrained(folder)
+    synthetic_tokenizer(cfg.vocab_size).save_pretrained(folder)
+    return folder
+
+
+def write_random_source(folder: str, model_dir: str, rows: int, seq_len: int, seed: int = 0) -> str:
+    """Random-token shards + manifest as `raycpt prepare` writes them, tied to `model_dir`'s tokenizer."""
+    from raycpt import storage
+    from raycpt.data.manifest import FORMAT_VERSION, MANIFEST_NAME, tokenizer_identity
+    from raycpt.data.prepare import write_rows
+    from raycpt.model.hf import load_tokenizer
+
+    manifest_uri = storage.join(folder, MANIFEST_NAME)
+    fingerprint = f"random-{rows}x{seq_len}-{seed}"
+    if storage.exists(manifest_uri) and storage.read_json(manifest_uri).get("input_fingerprint") == fingerprint:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    tok_id = tokenizer_identity(load_tokenizer(model_dir), os.path.basename(model_dir))
+    rng = np.random.default_rng(seed)
+    write_rows(storage.join(folder, "train/part-00000.parquet"),
+               rng.integers(0, tok_id["vocab_size"], (rows, seq_len), dtype=np.int32), seq_len, 64)
+    split = {"files": [{"path": "train/part-00000.parquet", "rows": rows}], "rows": rows, "tokens": rows * seq_len,
+             "documents": rows, "dropped_tokens": 0}
+    empty = {"files": [], "rows": 0, "tokens": 0, "documents": 0, "dropped_tokens": 0}
+    storage.write_json(manifest_uri, {
+        "format_version": FORMAT_VERSION, "seq_len": seq_len, "rows_per_row_group": 64, "tokenizer": tok_id,
+        "splits": {"train": split, "eval": empty}, "documents": rows, "tokens": rows * seq_len,
+        "source_files": 0, "source_files_sample": [], "input_fingerprint": fingerprint,
+        "command": "raycpt bench train (random tokens)"})
+    return folder
+
+
+def bench_job_tree(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dict[str, Any]:
+    from raycpt.config import apply_overrides
+
+    tree = {
+        "run": {"name": f"bench-{o.shape}-w{o.workers}", "storage": os.path.join(o.workdir, "runs"), "seed": 0},
+        "model": {"base": model_dir, "compile": o.use_gpu},
+        "data": {"seq_len": o.seq_len, "sources": [{"name": "random", "path": source_dir, "weight": 1.0}],
+                 "shuffle_window_rows": 64},
+        "train": {"global_batch_size": o.global_batch_size, "micro_batch_size": o.micro_batch_size,
+                  "max_steps": o.steps, "log_interval_steps": min(10, o.steps)},
+        "optim": {"peak_lr": 1e-4, "warmup_steps": min(10, o.steps)},
+        "scaling": {"num_workers": o.workers, "use_gpu": o.use_gpu},
+        # Past max_steps: only the final save, after the last timed step.
+        "checkpoint": {"interval_steps": o.checkpoint_every or o.steps + 1, "keep_last": 1},
+    }
+    return apply_overrides(tree, list(o.overrides))
+
+
+def run_real_path(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dict[str, Any]:
+    """`raycpt train` on the bench job; returns the rank-0 reports (one per log interval)."""
+    from raycpt.config import parse_job
+    from raycpt.launch import train
+
+    job = parse_job(bench_job_tree(o, model_dir, source_dir))
+    shutil.rmtree(os.path.join(job.run.storage, job.run.name), ignore_errors=True)  # never resume a bench
+    metrics_file = os.path.join(o.workdir, f"{job.run.name}.metrics.jsonl")
+    if os.path.exists(metrics_file):
+        os.remove(metrics_file)
+    t0 = time.perf_counter()
+    loop_options: dict[str, Any] = {"random_weights": True, "metrics_file": metrics_file}
+    if o.profile_steps:
+        loop_options["profile"] = [os.path.join(o.workdir, f"{job.run.name}.profile.txt"), *o.profile_steps]
+    result = train(job, loop_options=loop_options)
+    wall = time.perf_counter() - t0
+    if getattr(result, "error", None):
+        raise RuntimeError(f"bench train: the training run failed: {result.error}")
+    with open(metrics_file) as f:
+        reports = [json.loads(line) for line in f if line.strip()]
+    out = {"reports": reports, "wall_s": wall, "job": job}
+    if "profile" in loop_options and os.path.exists(loop_options["profile"][0]):
+        with open(loop_options["profile"][0]) as f:
+            out["profile"] = f.read()
+    return out
+
+
+def summarize_real(reports: list[dict[str, Any]], o: TrainBenchOptions, flops_tok: float,
+                   peak: float | None) -> dict[str, Any]:
+    # A worker-group restart (Ray Train's FailureConfig) resumes from the last checkpoint and
+    # reports steps again: time only the last attempt, and say that there was a restart.
+    starts = [i for i in range(1, len(reports)) if reports[i]["step"] <= reports[i - 1]["step"]]
+    restarts = len(starts)
+    reports = reports[starts[-1]:] if starts else reports
+    times: list[float] = []
+    first = 0
+    wait, stall, elapsed = 0.0, [], 0.0
+    for r in reports:
+        n = len(r["step_times_s"])
+        steps = range(r["step"] - n, r["step"])
+        kept = [t for s, t in zip(steps, r["step_times_s"]) if s >= o.warmup_steps]
+        times += kept
+        if r["step"] - n >= o.warmup_steps:  # whole window past warm-up
+            wait += r["data_wait_share"] * sum(r["step_times_s"])
+            elapsed += sum(r["step_times_s"])
+        if r.get("checkpoint_stall_s"):
+            stall.append(r["checkpoint_stall_s"])
+        first = max(first, r["step"])
+    out = _timing(times, o.global_batch_size * o.seq_len, flops_tok, peak, o.workers)
+    out.update(peak_memory_gib=max((r.get("peak_memory_gib") or 0.0) for r in reports) or None,
+               data_wait_share=wait / elapsed if elapsed else None,
+               checkpoint_stall_s=max(stall) if stall else None, final_loss=reports[-1]["loss"],
+               restarts=restarts)
+    return out
+
+
+def _timing(times: list[float], tokens_per_step: int, flops_tok: float, peak: float | None,
+            devices: int) -> dict[str, Any]:
+    if not times:
+        raise RuntimeError("bench train: no timed steps; raise --steps above --warmup-steps")
+    a = np.asarray(times)
+    tps = tokens_per_step * len(a) / a.sum()  # every timed step, checkpoint saves included
+    steady = tokens_per_step / float(np.median(a))
+    return {"tokens_per_s": tps, "tokens_per_s_per_device": tps / devices,
+            "steady_tokens_per_s": steady, "mfu": tps * flops_tok / (peak * devices) if peak else None,
+            "step_median_s": float(np.median(a)), "step_p90_s": float(np.percentile(a, 90)), "timed_steps": len(a)}
+
+
+def plain_loop(o: TrainBenchOptions, compiled: bool, device: torch.device) -> dict[str, Any]:
+    """One device, the worker's share of the global batch, gradient accumulation like the real path."""
+    from transformers import AutoModelForCausalLM
+
+    rows = o.global_batch_size // o.workers
+    accum = rows // o.micro_batch_size
+    cfg = llama_config(o.shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+    fwd = torch.compile(model) if compiled else model
+    batches = [torch.randint(0, cfg.vocab_size, (o.micro_batch_size, o.seq_len), device=device) for _ in range(4)]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = StepClock(device)
+    clock.mark()
+    loss = None
+    for step in range(o.steps):
+        for i in range(accum):
+            x = batches[(step * accum + i) % len(batches)]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = fwd(input_ids=x, labels=x, use_cache=False).loss
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clock.mark()
+    times = clock.read()[o.warmup_steps:]
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    out = _timing(times, rows * o.seq_len, flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size,
+                                                            o.seq_len), device_peak_flops(device), 1)
+    out.update(peak_memory_gib=peak_memory_gib(device), data_wait_share=None, checkpoint_stall_s=None,
+               final_loss=float(loss.detach()) if loss is not None else None)
+    del model, opt, fwd, batches, loss
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def _plain_child(o: TrainBenchOptions, compiled: bool, device: str, queue) -> None:
+    try:
+        queue.put(plain_loop(o, compiled, torch.device(device)))
+    except torch.OutOfMemoryError:
+        queue.put({"oom": True})
+    except Exception as e:  # noqa: BLE001 - reported by the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def run_plain_loop(o: TrainBenchOptions, compiled: bool, device: torch.device, log=print) -> dict[str, Any]:
+    """The baseline in a fresh process, so neither run inherits the other's memory or compile
+    caches; where the plain loop runs out of memory it halves its micro-batch (same global batch)."""
+    import dataclasses
+    import multiprocessing as mp
+
+    micro = o.baseline_micro_batch_size or o.micro_batch_size
+    while True:
+        log(f"bench train: plain loop ({'compiled' if compiled else 'eager'}, micro-batch {micro}) on one "
+            f"{device.type} device ...")
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        p = ctx.Process(target=_plain_child, args=(dataclasses.replace(o, micro_batch_size=micro), compiled,
+                                                   str(device), queue))
+        p.start()
+        out = _wait_for(queue, p)
+        p.join()
+        if out.get("error"):
+            raise RuntimeError(f"bench train: the plain loop failed: {out['error']}")
+        if not out.get("oom"):
+            return {**out, "micro_batch_size": micro}
+        if micro == 1:
+            raise RuntimeError("bench train: the plain loop runs out of memory even at micro-batch 1")
+        micro //= 2
+
+
+def _wait_for(queue, process) -> dict[str, Any]:
+    import queue as queue_mod
+
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except queue_mod.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"bench train: the plain loop died (exit code {process.exitcode})") from None
+
+
+def bench_train(o: TrainBenchOptions, log=print) -> dict[str, Any]:
+    if o.shape not in SHAPES:
+        raise ValueError(f"--shape: unknown {o.shape!r}; choose from {sorted(SHAPES)}")
+    if o.global_batch_size % (o.workers * o.micro_batch_size):
+        raise ValueError(f"--global-batch-size {o.global_batch_size} must be a multiple of --workers x "
+                         f"--micro-batch-size ({o.workers} x {o.micro_batch_size})")
+    os.makedirs(o.workdir, exist_ok=True)
+    model_dir = write_model_folder(o.shape, os.path.join(o.workdir, f"model-{o.shape}"))
+    rows = max(256, o.global_batch_size * 8)  # the plan cycles over them; speed does not depend on content
+    source_dir = write_random_source(os.path.join(o.workdir, f"data-{o.shape}-{o.seq_len}"), model_dir, rows,
+                                     o.seq_len)
+    cfg = llama_config(o.shape)
+    device = torch.device("cuda", 0) if o.use_gpu else torch.device("cpu")
+    peak = device_peak_flops(device)
+    real = run_real_path(o, model_dir, source_dir)
+    from raycpt.model.hf import build_on_meta, param_count
+
+    flops_tok = flops_per_token(param_count(build_on_meta(cfg)), cfg.num_hidden_layers, cfg.hidden_size, o.seq_len)
+    results: dict[str, Any] = {"raycpt": summarize_real(real["reports"], o, flops_tok, peak)}
+    results["raycpt"]["wall_s"] = real["wall_s"]
+    if real.get("profile"):
+        results["raycpt"]["profile"] = real["profile"]
+    for kind in o.baselines:
+        results[f"plain_{kind}"] = run_plain_loop(o, kind == "compiled", device, log)
+    per = results["raycpt"]["tokens_per_s_per_device"]
+    steady = results["raycpt"]["steady_tokens_per_s"] / o.workers
+    ratios = {k: {"all_steps": per / v["tokens_per_s"], "median_step": steady / v["steady_tokens_per_s"]}
+              for k, v in results.items() if k != "raycpt"}
+    device_name = torch.cuda.get_device_name(device) if o.use_gpu else "cpu"
+    return {"options": {**asdict(o), "baselines": list(o.baselines)}, "device": device_name,
+            "flops_per_token": flops_tok, "peak_flops": peak, "job": real["job"].model_dump(mode="json"),
+            "results": results, "ratios_per_device": ratios,
+            "versions": {"torch": torch.__version__, **_versions()}}
+
+
+def _versions() -> dict[str, str]:
+    import ray
+    import transformers
+
+    return {"transformers": transformers.__version__, "ray": ray.__version__}
+
+
+def format_report(r: dict[str, Any]) -> str:
+    o = r["options"]
+    lines = [f"bench train: {o['shape']}, seq {o['seq_len']}, global batch {o['global_batch_size']} "
+             f"(micro {o['micro_batch_size']}), {o['workers']} worker(s) on {r['device']}, "
+             f"{o['steps']} steps ({o['warmup_steps']} warm-up not timed), "
+             f"{r['flops_per_token'] / 1e9:.2f} GFLOP/token",
+             f"{'path':<36}{'tokens/s':>11}{'per dev':>10}{'median':>9}{'MFU':>7}{'step med':>10}{'p90':>8}{'peak mem':>10}"
+             f"{'data wait':>10}{'ckpt stall':>11}"]
+    names = {"raycpt": "raycpt train (Ray+FSDP2)", "plain_compiled": "plain loop, torch.compile",
+             "plain_eager": "plain loop, eager"}
+    devs = o["workers"]
+    for k, v in r["results"].items():
+        mfu = f"{v['mfu'] * 100:.1f}%" if v.get("mfu") is not None else "-"
+        mem = f"{v['peak_memory_gib']:.1f}G" if v.get("peak_memory_gib") else "-"
+        wait = f"{v['data_wait_share'] * 100:.2f}%" if v.get("data_wait_share") is not None else "-"
+        stall = f"{v['checkpoint_stall_s']:.2f}s" if v.get("checkpoint_stall_s") is not None else "-"
+        name = names.get(k, k) + (f" (micro {v['micro_batch_size']})" if "micro_batch_size" in v else "")
+        lines.append(f"{name:<36}{v['tokens_per_s']:>11,.0f}{v['tokens_per_s_per_device']:>10,.0f}"
+                     f"{v['steady_tokens_per_s'] / (devs if k == 'raycpt' else 1):>9,.0f}"
+                     f"{mfu:>7}{v['step_median_s'] * 1e3:>8.0f}ms{v['step_p90_s'] * 1e3:>6.0f}ms{mem:>10}"
+                     f"{wait:>10}{stall:>11}")
+    if r["results"]["raycpt"].get("restarts"):
+        lines.append(f"note: the training run restarted {r['results']['raycpt']['restarts']} time(s); "
+                     "only its last attempt is timed")
+    for k, ratio in r["ratios_per_device"].items():
+        lines.append(f"raycpt / {names.get(k, k)}, tokens/s per device: {ratio['all_steps']:.3f}x over all timed "
+                     f"steps (saves included), {ratio['median_step']:.3f}x at the median step")
+    return "\n".join(lines)
