@@ -130,7 +130,7 @@ def _walk(node: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
 
 def test_manifests_are_present():
     names = {p.name for p in K8S_FILES}
-    assert {"raycluster.yaml", "rayjob-cpt.yaml", "pdb.yaml"} <= names, names
+    assert {"raycluster.yaml", "rayjob-cpt.yaml", "rayjob-sweep.yaml", "pdb.yaml"} <= names, names
     assert {"aws-spot.yaml", "local.yaml"} <= {p.name for p in CLUSTER_FILES}
     assert len(RAYCLUSTERS) >= 1 and len(RAYJOBS) >= 1
 
@@ -564,6 +564,20 @@ def test_rayjob_runs_a_raycpt_command_on_a_job_yaml(item):
                      doc["spec"]["entrypoint"].strip())
     assert m, f"entrypoint {doc['spec']['entrypoint']!r} is not `raycpt train|tune jobs/<job>.yaml`"
     assert (REPO / m.group(2)).is_file(), f"{m.group(2)} (the RayJob's job YAML) does not exist"
+
+
+def test_a_rayjob_runs_each_command_on_a_yaml_it_can_load():
+    """One RayJob trains, one sweeps; the sweep's YAML has a tune section `raycpt tune` accepts."""
+    from raycpt.tune.config import load_sweep
+
+    commands = {}
+    for _, doc in RAYJOBS:
+        cmd, job = doc["spec"]["entrypoint"].split()[-2:] if "=" not in doc["spec"]["entrypoint"] else (None, None)
+        commands.setdefault(cmd, []).append(job)
+    assert {"train", "tune"} <= set(commands), commands
+    for job in commands["tune"]:
+        _, tune = load_sweep(REPO / job)
+        assert tune.space and tune.max_concurrent_trials, f"{job}: a cluster sweep names its concurrency"
 
 
 @pytest.mark.parametrize("item", RAYJOBS, ids=_id)

@@ -224,7 +224,7 @@ def parse_sweep(tree: dict[str, Any], base_dir: str | Path) -> tuple[JobConfig, 
             continue
         for value in spec.probe_values():
             try:
-                parse_job(trial_tree(set_dotted(base, key, value), tune, {}, "probe", job.run.storage))
+                parse_job(set_dotted(base, key, value))
             except ConfigError as e:
                 detail = str(e).split("\n", 1)[-1].strip().replace("\n  ", "; ")
                 problems.append(f"tune.space.{key}: value {value!r} makes an invalid job: {detail}")

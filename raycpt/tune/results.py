@@ -164,9 +164,11 @@ def _fmt(v: Any, width: int) -> str:
 
 
 def format_table(summary: SweepSummary) -> str:
-    """A fixed-width table: one line per trial, best objective first; `*` marks the Pareto front."""
+    """A fixed-width table: one line per trial, the full-budget trials first, each group by
+    objective (losses after fewer steps do not compare); `*` marks the Pareto front."""
     heads = ["trial"] + summary.keys + ["objective", "new loss", "old loss", "forgetting", "steps", "status"]
-    rows = sorted(summary.rows, key=lambda r: (r.objective is None, r.objective if r.objective is not None
+    order = {"done": 0, "stopped early": 1, "running": 2, "pending": 3, "error": 4}
+    rows = sorted(summary.rows, key=lambda r: (order.get(r.status, 5), r.objective if r.objective is not None
                                                  else math.inf, r.trial_id))
     body = []
     for r in rows:
