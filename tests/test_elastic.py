@@ -34,9 +34,10 @@ CLUSTER_RUN = textwrap.dedent("""
     from raycpt.launch import train
 
     job = load_job(sys.argv[1])
-    # Each worker node has room for exactly one training worker (2 CPUs); the head's one CPU
-    # holds the readers (0.25 CPU each).
+    # Two GPU-node stand-ins with room for exactly one training worker each (2 CPUs), and CPU for
+    # the data readers and their step tasks on nodes too small for a training worker.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
     doomed = cluster.add_node(num_cpus=2)
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
