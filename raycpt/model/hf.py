@@ -105,6 +105,9 @@ def load_base_weights(model: nn.Module, folder: str) -> None:
     missing = []
     with torch.no_grad():
         for name, param in model.state_dict().items():
+            # torch.compile and activation checkpointing wrap blocks and put their wrapper's attribute
+            # in the names; the files know the plain names.
+            name = name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
             # LoRA wraps a Linear as `<name>.base_layer` and adds adapters the base does not have.
             name = base_weight_name(name)
             if name is None:
