@@ -37,8 +37,6 @@ def _ray_storage(job: JobConfig) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
     uri = job.run.storage
     if uri.startswith("s3://") and job.run.s3_endpoint_url:
-        import pyarrow.fs as pafs
-
         fs, path = storage.pyarrow_filesystem(uri)
         return path, fs
     if not storage.is_remote(uri):

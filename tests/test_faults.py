@@ -74,12 +74,17 @@ def train_worker_pids() -> list[int]:
     return out
 
 
+def job_like_the_straight_run(tmp_path, tiny_model, prepared_sources, name: str, **checkpoint) -> tuple[dict, str]:
+    """The straight run's job under another name (and checkpoint settings): (job tree, run URI)."""
+    tree = tiny_job_tree(str(tmp_path / "runs"), tiny_model, prepared_sources, run={"name": name},
+                         train={"max_steps": 8}, checkpoint=checkpoint)
+    return tree, parse_job(tree).run_uri
+
+
 def test_workers_sigkilled_at_random_moments_end_like_the_straight_run(straight_run, tmp_path, tiny_model,
                                                                          prepared_sources, ray_local):
     _, straight_uri = straight_run
-    tree = tiny_job_tree(str(tmp_path / "runs"), tiny_model, prepared_sources, run={"name": "sigkilled"},
-                         train={"max_steps": 8}, checkpoint={"max_failures": 8})
-    run_uri = parse_job(tree).run_uri
+    tree, run_uri = job_like_the_straight_run(tmp_path, tiny_model, prepared_sources, "sigkilled", max_failures=8)
     rng = random.Random(int(os.environ.get("RAYCPT_FAULT_SEED", "0")))
     kills: list[tuple[int, int | None]] = []
     done = threading.Event()
@@ -123,9 +128,7 @@ def test_workers_sigkilled_at_random_moments_end_like_the_straight_run(straight_
 def test_a_worker_killed_during_a_save_never_loads_the_torn_checkpoint(straight_run, tmp_path, tiny_model,
                                                                        prepared_sources, ray_local):
     _, straight_uri = straight_run
-    tree = tiny_job_tree(str(tmp_path / "runs"), tiny_model, prepared_sources, run={"name": "torn"},
-                         train={"max_steps": 8}, checkpoint={"max_failures": 2})
-    run_uri = parse_job(tree).run_uri
+    tree, run_uri = job_like_the_straight_run(tmp_path, tiny_model, prepared_sources, "torn", max_failures=2)
     flag = tmp_path / "kill-once"
     flag.write_text("")
     # Rank 0 dies after every rank wrote its shards of step 4 and before the commit marker.
@@ -141,9 +144,8 @@ def test_a_worker_killed_during_a_save_never_loads_the_torn_checkpoint(straight_
 def test_sigterm_on_a_worker_saves_at_the_next_step_then_the_resubmitted_run_finishes(
         straight_run, tmp_path, tiny_model, prepared_sources, ray_local):
     _, straight_uri = straight_run
-    tree = tiny_job_tree(str(tmp_path / "runs"), tiny_model, prepared_sources, run={"name": "sigtermed"},
-                         train={"max_steps": 8}, checkpoint={"interval_steps": 4, "max_failures": 0})
-    run_uri = parse_job(tree).run_uri
+    tree, run_uri = job_like_the_straight_run(tmp_path, tiny_model, prepared_sources, "sigtermed",
+                                              interval_steps=4, max_failures=0)
     sent: list[int] = []
 
     def terminator() -> None:

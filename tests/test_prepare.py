@@ -80,7 +80,7 @@ def test_bad_inputs_get_clear_errors(tmp_path, tokenizer_dir, ray_local):
 
 
 def test_manifest_is_checked_against_the_model(prepared_sources, tokenizer_dir, tiny_model):
-    from transformers import AutoTokenizer, GPT2TokenizerFast  # noqa: F401
+    from transformers import AutoTokenizer
 
     man = read_manifest(prepared_sources["code"])
     tok_id = tokenizer_identity(AutoTokenizer.from_pretrained(tokenizer_dir), "x")

@@ -20,7 +20,6 @@ from conftest import run_logged, sample_log, tiny_job_tree
 from raycpt import storage
 from raycpt.checkpoint.layout import latest_committed, list_checkpoints
 from raycpt.config import parse_job
-from raycpt.launch import train
 
 pytestmark = pytest.mark.slow
 

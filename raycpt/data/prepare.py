@@ -14,7 +14,6 @@ last; a folder without it is not a dataset, so a killed prepare never looks comp
 
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
 import json
 import os

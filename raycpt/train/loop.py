@@ -23,7 +23,7 @@ from raycpt.checkpoint.layout import step_uri
 from raycpt.checkpoint.resume import TRAIN_STATE_VERSION, check_resume_config, decide_start
 from raycpt.config import JobConfig, parse_job
 from raycpt.data.manifest import DataError, tokenizer_identity
-from raycpt.data.plan import PlanState, remap_state_by_name
+from raycpt.data.plan import remap_state_by_name
 from raycpt.data.verify import check_data_fits_model
 from raycpt.data.stream import (WaitTimer, build_plan, iter_local, iter_ray_data, make_spec, read_eval_rows,
                                 read_manifests)
