@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from raycpt.bench_train import TrainBenchOptions, bench_train, format_report, summarize_real
+from raycpt.bench_train import TrainBenchOptions, format_report, summarize_real
 
 
 def test_bench_train_tiny_on_cpu(tmp_path, ray_local, capsys):
