@@ -1,0 +1,282 @@
+"""`raycpt tune`: the objective on known numbers, the sweep section's validation, and real sweeps
+on a local Ray (tiny Llama, CPU workers, Ray Train inside Tune trials): ASHA stopping trials
+early, the table and best-config YAML, no placement group left behind, and a sweep whose driver
+is killed continuing when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import tiny_job_tree
+from raycpt import storage
+from raycpt.config import ConfigError, load_job, parse_job
+from raycpt.tune.config import ObjectiveSection, load_sweep, parse_sweep
+from raycpt.tune.objective import pareto_front, score, score_report
+
+ROLES = {"code": "new", "english": "replay", "wiki": "replay"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective and the Pareto front (pure)
+
+
+def test_objective_on_known_numbers():
+    cfg = ObjectiveSection(forgetting_tolerance=0.05, forgetting_penalty=10.0, forgetting="max")
+    base = {"code": 2.5, "english": 3.0, "wiki": 3.02}
+    s = score({"code": 2.0, "english": 3.2, "wiki": 3.0}, base, ROLES, cfg)
+    # forgetting = max(3.2 - 3.0, 3.0 - 3.02) = 0.2; penalty = 10 * (0.2 - 0.05) = 1.5
+    assert s.new_loss == 2.0
+    assert s.forgetting == pytest.approx(0.2)
+    assert s.penalty == pytest.approx(1.5)
+    assert s.objective == pytest.approx(3.5)
+    assert s.old_loss == pytest.approx(3.1)
+
+    within = score({"code": 2.0, "english": 3.04, "wiki": 3.0}, base, ROLES, cfg)
+    assert within.penalty == 0 and within.objective == 2.0  # a rise inside the tolerance costs nothing
+
+    mean = score({"code": 2.0, "english": 3.2, "wiki": 3.0}, base, ROLES, cfg.model_copy(update={"forgetting": "mean"}))
+    assert mean.forgetting == pytest.approx(0.09)  # (0.2 - 0.02) / 2
+    assert mean.objective == pytest.approx(2.0 + 10 * 0.04)
+
+    off = score({"code": 2.0, "english": 9.0, "wiki": 9.0}, base, ROLES, cfg.model_copy(update={"forgetting_penalty": 0}))
+    assert off.objective == 2.0
+
+    # The same numbers as the worker loop reports them to Ray.
+    report = {"step": 4, "eval/loss/code": 2.0, "eval/loss/english": 3.2, "eval/loss/wiki": 3.0,
+              "eval/forgetting/english": 0.2, "eval/forgetting/wiki": -0.02}
+    assert score_report(report, ROLES, cfg).objective == pytest.approx(3.5)
+    assert score_report({"step": 3, "loss": 2.0}, ROLES, cfg) is None  # a progress report: not scored
+
+    with pytest.raises(ValueError, match="role: new"):
+        score({"english": 3.0}, base, ROLES, cfg)
+
+
+def test_pareto_front():
+    points = {"a": (2.0, 0.30), "b": (2.2, 0.10), "c": (2.3, 0.20), "d": (2.0, 0.30), "e": (1.9, 0.5)}
+    # c is beaten by b on both; equal points (a, d) do not dominate each other.
+    assert pareto_front(points) == ["e", "a", "d", "b"]
+    assert pareto_front({"only": (1.0, 0.0)}) == ["only"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tune section
+
+
+def _tree(tmp_path, **tune):
+    tree = tiny_job_tree(str(tmp_path / "runs"), "/models/tiny", {"code": "/data/code", "english": "/data/en"},
+                         eval={"interval_steps": 2, "max_rows": 4})
+    tree["tune"] = {"space": {"optim.peak_lr": {"loguniform": [1e-5, 1e-2]}}, **tune}
+    return tree
+
+
+def test_sweep_section_loads_with_defaults_and_nested_keys(tmp_path):
+    job, tune = parse_sweep(_tree(tmp_path, space={"optim": {"peak_lr": {"loguniform": [1e-5, 1e-2]}},
+                                                    "data.replay_ratio": {"grid": [0.1, 0.3]}}), tmp_path)
+    assert list(tune.space) == ["optim.peak_lr", "data.replay_ratio"]
+    assert tune.name == "tiny-sweep" and tune.seed == 0 and tune.scheduler.kind == "asha"
+    assert job.run.name == "tiny"
+    # `raycpt train` reads the same file and ignores the section.
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(_tree(tmp_path)))
+    assert load_job(path).run.name == "tiny"
+    assert load_sweep(path, ["tune.num_samples=7", "train.max_steps=10"])[1].num_samples == 7
+
+
+def test_sweep_section_errors_name_the_key(tmp_path):
+    bad = _tree(tmp_path, num_samples=0, scheduler={"kind": "hyperband"},
+                space={"optim.peak_lr": {"loguniform": [0, 1e-3]}, "data.replay_ratio": {"uniform": [0.1, 0.2],
+                                                                                         "grid": [0.1]}})
+    with pytest.raises(ConfigError) as e:
+        parse_sweep(bad, tmp_path)
+    msg = str(e.value)
+    assert "tune.num_samples:" in msg
+    assert "tune.scheduler.kind:" in msg
+    assert "tune.space.optim.peak_lr: loguniform: low must be > 0" in msg
+    assert "tune.space.data.replay_ratio: give exactly one of" in msg
+
+    wrong = _tree(tmp_path, max_steps_per_trial=1,
+                  space={"optim.peak_lr": {"loguniform": [1e-5, 1e-2]}, "data.replay_ratio": {"uniform": [0.1, 1.5]},
+                         "optim.no_such_key": {"choice": [1]}, "run.name": {"choice": ["x"]}},
+                  scheduler={"grace_period_steps": 1})
+    with pytest.raises(ConfigError) as e:
+        parse_sweep(wrong, tmp_path)
+    msg = str(e.value)
+    assert "tune.space.data.replay_ratio: value 1.5 makes an invalid job: data.replay_ratio:" in msg
+    assert "tune.space.optim.no_such_key: value 1 makes an invalid job: optim.no_such_key: unknown key" in msg
+    assert "tune.space.run.name: run.* and tune.* are fixed" in msg
+    assert "tune.max_steps_per_trial: 1 makes an invalid job: optim.warmup_steps" in msg
+    assert "tune.scheduler.grace_period_steps: 1 is shorter than eval.interval_steps 2" in msg
+
+    no_eval = _tree(tmp_path)
+    no_eval["eval"].pop("interval_steps")
+    with pytest.raises(ConfigError, match=r"eval.interval_steps: early stopping \(asha\) needs evaluations"):
+        parse_sweep(no_eval, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real sweeps: Ray Train inside Tune trials on the local Ray
+
+
+def _sweep_tree(storage_uri, tiny_model, prepared_sources, **tune):
+    """Trials of 1 CPU worker, 8 steps of 4 sequences; the job's own LR (1e-2) teaches the random
+    tiny model much faster than the sampled ones (1e-6..1e-5), so ASHA's rung at step 4 stops
+    every sampled trial that reaches it after the job's trial (trials run one at a time)."""
+    tree = tiny_job_tree(storage_uri, tiny_model, prepared_sources,
+                         train={"global_batch_size": 4, "max_steps": 16, "log_interval_steps": 2},
+                         optim={"peak_lr": 1e-2, "warmup_steps": 1},
+                         scaling={"num_workers": 1}, checkpoint={"interval_steps": 2, "keep_last": 1},
+                         eval={"interval_steps": 4, "max_rows": 4})
+    tree["tune"] = {"name": "tiny-sweep", "space": {"optim.peak_lr": {"loguniform": [1e-6, 1e-5]},
+                                                    "data.replay_ratio": {"uniform": [0.1, 0.5]}},
+                    "num_samples": 3, "max_concurrent_trials": 1, "max_steps_per_trial": 8,
+                    "scheduler": {"kind": "asha", "grace_period_steps": 4, "reduction_factor": 2}, **tune}
+    return tree
+
+
+def _live_placement_groups(ray) -> set[str]:
+    return {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(tmp_path_factory, tiny_model, prepared_sources, ray_local):
+    from raycpt.tune.sweep import run_sweep
+
+    root = tmp_path_factory.mktemp("sweep")
+    tree = _sweep_tree(str(root / "runs"), tiny_model, prepared_sources)
+    job, tune = parse_sweep(tree, root)
+    before = _live_placement_groups(ray_local)
+    t0 = time.time()
+    out = run_sweep(job, tune, loop_options={"local_stream": True})
+    return {"job": job, "tune": tune, "result": out, "runtime_s": time.time() - t0,
+            "pgs_before": before, "uri": out["uri"]}
+
+
+@pytest.mark.slow
+def test_asha_sweep_stops_trials_early_and_writes_table_and_best_yaml(asha_sweep, capsys):
+    result, uri = asha_sweep["result"], asha_sweep["uri"]
+    trials = result["trials"]
+    assert len(trials) == 4 and result["errors"] == 0
+    baseline = [t for t in trials if t["baseline"]]
+    assert len(baseline) == 1 and baseline[0]["values"] == {"optim.peak_lr": 1e-2, "data.replay_ratio": 0.25}
+    assert baseline[0]["status"] == "done" and baseline[0]["steps"] == 8
+    stopped = [t for t in trials if t["status"] == "stopped early"]
+    assert stopped, "ASHA stopped no trial"
+    assert all(t["eval_step"] < 8 and t["steps"] < 8 for t in stopped)
+    # Every trial is a normal raycpt run in its own folder under the sweep, on the same shards.
+    for t in trials:
+        run_uri = storage.join(uri, "runs", t["run_name"])
+        state = storage.read_json(storage.join(run_uri, "metrics", "eval.json"))
+        assert state[0]["step"] == 0 and t["objective"] is not None
+    # The compute account: stopped trials trained fewer than the 4 x 8 steps of a full sweep.
+    c = result["compute"]
+    assert c["steps_if_all_ran_to_the_end"] == 32 and c["steps_trained"] < 32 and c["stopped_early"] == len(stopped)
+
+    assert result["best_trial"] == baseline[0]["trial_id"]  # the only one trained to the end here
+    assert result["pareto_front"] == [baseline[0]["trial_id"]]
+    table = storage.read_bytes(storage.join(uri, "results.md")).decode()
+    assert "stopped early" in table and "done best *" in table and "optim.peak_lr" in table
+
+    best = yaml.safe_load(storage.read_bytes(storage.join(uri, "best.yaml")).decode())
+    assert "tune" not in best and best["run"]["name"] == "tiny-sweep-best"
+    assert best["optim"]["peak_lr"] == 1e-2 and best["data"]["replay_ratio"] == 0.25
+    assert best["train"]["max_steps"] == 16  # the job's full length, not the trial budget
+    assert parse_job(best).data.sources[0].path == asha_sweep["job"].data.sources[0].path
+
+    # `raycpt status SWEEP` shows the same table from storage alone.
+    from raycpt.cli import main
+
+    assert main(["status", uri]) == 0
+    out = capsys.readouterr().out
+    assert "stopped early" in out and "best config:" in out
+    assert main(["status", uri, "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["best_trial"] == result["best_trial"] and st["best_yaml"].endswith("best.yaml")
+
+
+@pytest.mark.slow
+def test_stopped_trials_leave_no_placement_group(asha_sweep, ray_local):
+    """ray-project/ray#54305: placement groups of early-stopped Train runs must not stay reserved."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        leaked = _live_placement_groups(ray_local) - asha_sweep["pgs_before"]
+        if not leaked:
+            break
+        time.sleep(1)
+    assert not leaked, f"placement groups still reserved after the sweep: {leaked}"
+
+
+def _wait(predicate, proc: subprocess.Popen, timeout_s: float, what: str):
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            raise AssertionError(f"`raycpt tune` exited ({proc.returncode}) before {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_killed_sweep_continues_when_the_command_runs_again(tmp_path, tiny_model, prepared_sources, ray_local):
+    from raycpt.checkpoint.layout import latest_committed
+    from raycpt.cli import main
+
+    tree = _sweep_tree(str(tmp_path / "runs"), tiny_model, prepared_sources, num_samples=1,
+                       scheduler={"kind": "fifo"}, max_steps_per_trial=6, name="resumed-sweep")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    uri = str(tmp_path / "runs" / "resumed-sweep")
+
+    def first_trial_checkpoint():
+        if not storage.exists(storage.join(uri, "trials.json")):
+            return None
+        trials = storage.read_json(storage.join(uri, "trials.json"))["trials"]
+        for t in trials.values():
+            entry = latest_committed(storage.join(uri, "runs", t["run_name"]))
+            if entry is not None and entry.step >= 2:
+                return sorted(trials)
+        return None
+
+    # 1. `raycpt tune` as its own driver on the same Ray cluster, SIGKILLed once a trial committed.
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "raycpt.cli", "tune", str(path)], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        trial_ids = _wait(first_trial_checkpoint, proc, 240, "a trial's first checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    results = storage.join(uri, "results.json")
+    assert not storage.exists(results), "the sweep finished before it could be killed"
+    time.sleep(2)  # let Ray end the dead driver's trials
+
+    # 2. The same command again: Tune's state is restored, no trial is added or run twice.
+    assert main(["tune", str(path)]) == 0
+    out = storage.read_json(results)
+    assert len(out["trials"]) == 2 and all(t["status"] == "done" for t in out["trials"])
+    assert [t["trial_id"] for t in out["trials"]][:len(trial_ids)] == trial_ids
+    resumed = []
+    for t in out["trials"]:
+        starts_uri = storage.join(uri, "runs", t["run_name"], "metrics", "starts")
+        starts = [storage.read_json(storage.join(starts_uri, n)) for n in sorted(storage.list_dir(starts_uri))]
+        if any(s["kind"] == "resume" for s in starts):
+            resumed.append(t["trial_id"])
+            assert starts[0]["kind"] == "fresh_base" and starts[-1]["step"] >= 2
+        history = storage.read_json(storage.join(uri, "runs", t["run_name"], "metrics", "eval.json"))
+        steps = [h["step"] for h in history]
+        assert steps == sorted(set(steps)) and steps[-1] == 6
+    assert resumed, "no trial resumed from the checkpoint it had before the kill"
+    assert storage.exists(storage.join(uri, "best.yaml"))
+
+    # 3. A changed sweep is refused instead of mixed into this one.
+    assert main(["tune", str(path), "tune.num_samples=5"]) == 2
