@@ -191,8 +191,13 @@ def format_summary(summary: SweepSummary) -> str:
     lines = [f"sweep {summary.name}  ({summary.uri})", format_table(summary), ""]
     lines.append("objective = new-domain loss + penalty x max(0, old-domain loss rise - tolerance); "
                  "* = Pareto front of new loss vs forgetting")
-    lines.append(f"compute: {c['steps_trained']} of {c['steps_if_all_ran_to_the_end']} trial steps "
-                 f"({100 * c['saved_share']:.0f}% saved by stopping {c['stopped_early']} of {c['trials']} trials early)")
+    if any(r.status in ("running", "pending") for r in summary.rows):
+        lines.append(f"compute so far: {c['steps_trained']} trial steps; {c['stopped_early']} of {c['trials']} "
+                     "trials stopped early (the sweep is still running)")
+    else:
+        lines.append(f"compute: {c['steps_trained']} of {c['steps_if_all_ran_to_the_end']} trial steps "
+                     f"({100 * c['saved_share']:.0f}% saved by stopping {c['stopped_early']} of {c['trials']} "
+                     "trials early)")
     best, base = summary.best, summary.baseline
     if best is not None:
         values = ", ".join(f"{k}={v}" for k, v in best.values.items())
