@@ -99,6 +99,11 @@ def partial_training(cfg: ModelConfig) -> Callable[[nn.Module], nn.Module] | Non
     return prepare
 
 
+def plain_name(name: str) -> str:
+    """A parameter's name without the wrappers torch.compile and activation checkpointing add."""
+    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 def is_adapter_param(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
@@ -144,7 +149,7 @@ def init_adapters(model: nn.Module, seed: int) -> int:
     n = 0
     for name, p in model.named_parameters():
         if ".lora_A." in name:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(plain_name(name).encode()))
             full = torch.empty(tuple(p.shape), dtype=torch.float32)
             nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=g)
             _copy_full(p, full)
@@ -214,7 +219,7 @@ def load_adapter(model: nn.Module, folder: str, lora: LoraConfig) -> list[str]:
     from safetensors import safe_open
 
     check_adapter_config(folder, lora)
-    params = dict(model.named_parameters())
+    params = {plain_name(n): p for n, p in model.named_parameters()}
     loaded, missing = [], []
     with safe_open(os.path.join(folder, ADAPTER_WEIGHTS), framework="pt") as f:
         keys = set(f.keys())
