@@ -127,10 +127,34 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
     print(f"raycpt: {preflight(job)}", flush=True)
     lo, hi = job.worker_range()
     connect_ray(min_cpus=hi * job.scaling.cpus_per_worker, address=address)
+    import uuid
+
+    from raycpt.placement import PlacementGroupRegistry, RegisterPlacementGroups, registry_name
+
+    name = registry_name(f"run-{job.run.name}-{uuid.uuid4().hex[:8]}")
+    registry = PlacementGroupRegistry.options(name=name).remote()
+    callbacks = [RegisterPlacementGroups(name, job.run.name)]
     try:
-        return build_trainer(job, loop_options).fit()
-    except ray.train.TrainingFailedError as e:
-        return _FailedResult(e)
+        for attempt in range(job.checkpoint.max_failures + 1):
+            try:
+                return build_trainer(job, loop_options, callbacks=callbacks).fit()
+            except ray.train.ControllerError as e:
+                # Ray Train's controller gave up (a worker died in the middle of one of its own
+                # calls), which FailureConfig does not retry and which can leave the workers'
+                # placement group reserved: give it back and fit again; the run resumes from its
+                # newest committed checkpoint, as a resubmission would.
+                ray.get(registry.release.remote(job.run.name))
+                ray.get(registry.reopen.remote(job.run.name))
+                if attempt == job.checkpoint.max_failures:
+                    return _FailedResult(e)
+                print(f"raycpt: Ray Train's controller failed ({str(e).splitlines()[0][:200]}); "
+                      f"starting again ({attempt + 1}/{job.checkpoint.max_failures})", flush=True)
+            except ray.train.TrainingFailedError as e:
+                return _FailedResult(e)
+        raise AssertionError("unreachable")
+    finally:
+        ray.get(registry.release.remote(job.run.name))
+        ray.kill(registry)
 
 
 class _FailedResult:

@@ -90,8 +90,9 @@ def test_workers_sigkilled_at_random_moments_end_like_the_straight_run(straight_
     done = threading.Event()
 
     def killer() -> None:
-        # Three kills, each a random 0-5 s after the (re)started run recorded its start decision:
-        # during the model build, the eval, a step or a save, wherever it lands.
+        # Three kills, each a random 0-5 s after the (re)started run recorded its start decision
+        # (during the model build, the eval, a step or a save, wherever it lands); the second one
+        # waits for a committed checkpoint first, so a resume from mid-run is always exercised.
         seen_starts = 0
         while len(kills) < 3 and not done.is_set():
             n = len(storage.list_dir(storage.join(run_uri, "metrics", "starts")))
@@ -100,7 +101,12 @@ def test_workers_sigkilled_at_random_moments_end_like_the_straight_run(straight_
                 time.sleep(0.2)
                 continue
             seen_starts = n
-            time.sleep(rng.uniform(0.0, 5.0))
+            if len(kills) == 1:  # the second kill lands mid-run: after a checkpoint of this attempt
+                while not done.is_set() and (latest_committed(run_uri) is None or latest_committed(run_uri).step < 2):
+                    time.sleep(0.1)
+                time.sleep(rng.uniform(0.0, 2.0))
+            else:
+                time.sleep(rng.uniform(0.0, 5.0))
             if done.is_set():
                 return
             victim = rng.choice(pids)

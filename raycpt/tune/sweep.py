@@ -23,7 +23,7 @@ import ray.tune
 from raycpt import storage
 from raycpt.config import ConfigError, JobConfig, parse_job
 from raycpt.tune.config import TuneSection, sweep_fingerprint, trial_tree
-from raycpt.tune.release import PlacementGroupRegistry, registry_name
+from raycpt.placement import PlacementGroupRegistry, registry_name
 from raycpt.tune.results import (RUNS_FOLDER, SWEEP_FILE, TRIALS_FILE, collect, default_values, format_summary,
                                  sweep_uri, write_results)
 from raycpt.tune.trial import run_trial, trial_run_name
@@ -32,7 +32,7 @@ from raycpt.tune.trial import run_trial, trial_run_name
 class SweepStateCallback(ray.tune.Callback):
     """Runs in the driver. Keeps <sweep>/trials.json current (values, run name, Tune status of
     every trial), so `raycpt status SWEEP` needs no running driver; and gives a finished or
-    stopped trial's worker placement groups back (raycpt/tune/release.py)."""
+    stopped trial's worker placement groups back (raycpt/placement.py)."""
 
     def __init__(self, uri: str, registry: str):
         self.uri = uri
@@ -154,7 +154,7 @@ def run_sweep(job: JobConfig, tune: TuneSection, address: str | None = None,
     connect_ray(min_cpus=job.worker_range()[1] * job.scaling.cpus_per_worker + 1, address=address)
 
     fingerprint = sweep_fingerprint(job, tune)
-    registry = registry_name(tune.name)
+    registry = registry_name(f"sweep-{tune.name}")
     # Owned by this driver and held until fit() returns: it lives as long as the sweep's trials can.
     registry_actor = PlacementGroupRegistry.options(name=registry, get_if_exists=True).remote()
     spec = {"job": job.model_dump(mode="json"), "tune": tune.model_dump(mode="json"), "runs_uri": runs_uri,

@@ -23,7 +23,7 @@ from raycpt import storage
 from raycpt.config import parse_job
 from raycpt.tune.config import ObjectiveSection, TuneSection, trial_tree
 from raycpt.tune.objective import score_report
-from raycpt.tune.release import RegisterPlacementGroups
+from raycpt.placement import RegisterPlacementGroups
 
 
 def trial_run_name(trial_id: str) -> str:
