@@ -88,8 +88,9 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
         run_config=ray.train.RunConfig(
             name=job.run.name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=job.checkpoint.max_failures),
-            # raycpt applies retention itself (never deleting the newest committed checkpoint).
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            # Ray records a pointer per committed checkpoint and prunes those pointers itself;
+            # raycpt applies retention to the checkpoints (never deleting the newest committed).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
     )
@@ -121,19 +122,30 @@ def preflight(job: JobConfig) -> str:
 
 def train(job: JobConfig, address: str | None = None, loop_options: dict[str, Any] | None = None):
     """Run the job to the end (or its failure); returns Ray Train's Result."""
+    import uuid
+
     import ray.train
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raycpt.placement import PlacementGroupRegistry, RegisterPlacementGroups, registry_name
 
     storage.configure_storage(job.run.s3_endpoint_url)
     print(f"raycpt: {preflight(job)}", flush=True)
     lo, hi = job.worker_range()
     connect_ray(min_cpus=hi * job.scaling.cpus_per_worker, address=address)
-    import uuid
-
-    from raycpt.placement import PlacementGroupRegistry, RegisterPlacementGroups, registry_name
-
     name = registry_name(f"run-{job.run.name}-{uuid.uuid4().hex[:8]}")
-    registry = PlacementGroupRegistry.options(name=name).remote()
+    # On the driver's node: a registry on a spot worker node would go with that node.
+    registry = PlacementGroupRegistry.options(name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=True)).remote()
     callbacks = [RegisterPlacementGroups(name, job.run.name)]
+
+    def release() -> None:
+        try:
+            ray.get(registry.release.remote(job.run.name), timeout=60)
+            ray.get(registry.reopen.remote(job.run.name), timeout=60)
+        except Exception as e:  # noqa: BLE001 - cleanup only: the run's outcome stands
+            print(f"raycpt: could not release the run's placement groups: {type(e).__name__}: {e}", flush=True)
+
     try:
         for attempt in range(job.checkpoint.max_failures + 1):
             try:
@@ -143,8 +155,7 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
                 # calls), which FailureConfig does not retry and which can leave the workers'
                 # placement group reserved: give it back and fit again; the run resumes from its
                 # newest committed checkpoint, as a resubmission would.
-                ray.get(registry.release.remote(job.run.name))
-                ray.get(registry.reopen.remote(job.run.name))
+                release()
                 if attempt == job.checkpoint.max_failures:
                     return _FailedResult(e)
                 print(f"raycpt: Ray Train's controller failed ({str(e).splitlines()[0][:200]}); "
@@ -153,7 +164,7 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
                 return _FailedResult(e)
         raise AssertionError("unreachable")
     finally:
-        ray.get(registry.release.remote(job.run.name))
+        release()
         ray.kill(registry)
 
 

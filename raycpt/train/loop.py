@@ -91,10 +91,10 @@ def run_worker(config: dict[str, Any]) -> None:
         allowed = check_resume_config(decision.train_state["config"], job)
         if allowed:
             say(f"resume: intended config changes apply from here: {', '.join(allowed)}")
-        if ray_train is not None and ray_train.get_checkpoint() is not None:
-            ray_path = ray_train.get_checkpoint().path.rstrip("/")
-            if not ray_path.endswith(decision.checkpoint.uri.split("://")[-1].rstrip("/")):
-                say(f"resume: Ray's record points at {ray_path}; the newest committed checkpoint in storage wins")
+        ray_step = _ray_recorded_step(ray_train)
+        if ray_step is not None and ray_step != decision.checkpoint.step:
+            say(f"resume: Ray's record says step {ray_step}; the newest committed checkpoint in storage "
+                f"(step {decision.checkpoint.step}) wins")
     say(decision.message)
     if rank == 0:  # every (re)start of the run, for `raycpt status` and the fault tests
         storage.write_json(storage.join(job.run_uri, "metrics", "starts", f"{time.time_ns()}.json"), {
@@ -371,17 +371,35 @@ def _append_sample_log(run_uri: str, entries: list[dict[str, Any]]) -> None:
     storage.write_json(storage.join(run_uri, "samples", name), entries)
 
 
+RAY_RECORDS = "ray-checkpoints"  # under the run folder; Ray Train owns and prunes these
+_POINTER = "raycpt_checkpoint.json"
+
+
 def _report_checkpoint(ray_train, job: JobConfig, step: int) -> None:
-    """Tell Ray Train about a committed checkpoint (it lives under Ray's run folder already); every
-    rank calls this at the same point, as Ray Train's report requires."""
+    """Tell Ray Train about a committed checkpoint; every rank calls this at the same point, as
+    Ray Train's report requires. Ray is given a small pointer folder, not the checkpoint itself:
+    Ray prunes what it records (CheckpointConfig.num_to_keep) and refuses to resume a run whose
+    recorded checkpoints are gone, while raycpt's own retention decides which checkpoints stay."""
     from ray.train import Checkpoint, CheckpointUploadMode
 
-    uri = step_uri(job.run_uri, step)
-    try:
+    checkpoint = None
+    if dist.get_rank() == 0:
+        pointer = storage.join(job.run_uri, RAY_RECORDS, f"step-{step:08d}")
+        storage.write_json(storage.join(pointer, _POINTER), {"step": step, "uri": step_uri(job.run_uri, step)})
         fs = ray_train.get_context().get_storage().storage_filesystem
-        path = uri.split("://", 1)[-1] if storage.is_remote(uri) else storage.local_path(uri)
-        ray_train.report({"step": step, "tokens": step * job.train.global_batch_size * job.data.seq_len},
-                         checkpoint=Checkpoint(path=path, filesystem=fs),
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
-    except ValueError as e:  # storage laid out differently from Ray's run folder: storage still wins
-        _say(f"Ray checkpoint record skipped: {e}")
+        path = pointer.split("://", 1)[-1] if storage.is_remote(pointer) else storage.local_path(pointer)
+        checkpoint = Checkpoint(path=path, filesystem=fs)
+    ray_train.report({"step": step, "tokens": step * job.train.global_batch_size * job.data.seq_len},
+                     checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def _ray_recorded_step(ray_train) -> int | None:
+    """The step of the checkpoint Ray Train hands this (restarted) run, if any."""
+    if ray_train is None or ray_train.get_checkpoint() is None:
+        return None
+    try:
+        with ray_train.get_checkpoint().as_directory() as d:
+            with open(os.path.join(d, _POINTER)) as f:
+                return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError):
+        return None
