@@ -397,7 +397,8 @@ def parse_job(tree: dict[str, Any]) -> JobConfig:
         raise ConfigError("invalid job config:\n  " + "\n  ".join(lines)) from None
 
 
-def load_job_tree(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def read_yaml_tree(path: str | Path) -> dict[str, Any]:
+    """A job YAML file as a dict of sections; errors name the file."""
     text = Path(path).read_text()
     try:
         tree = yaml.safe_load(text) or {}
@@ -405,6 +406,11 @@ def load_job_tree(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a job YAML must be a mapping of sections (run, model, data, ...)")
+    return tree
+
+
+def load_job_tree(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    tree = read_yaml_tree(path)
     tree.pop("tune", None)  # the sweep section belongs to `raycpt tune`
     return apply_overrides(tree, list(overrides))
 

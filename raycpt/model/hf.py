@@ -94,10 +94,21 @@ class SafetensorsReader:
         return None if h is None else h.get_tensor(name)
 
 
-def load_base_weights(model: nn.Module, folder: str) -> None:
-    """Copy each parameter's local shard from the safetensors files (DTensor-aware)."""
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of a full tensor into a (possibly FSDP-sharded) parameter."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements,
+                                      src_data_rank=None).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full.to(param.dtype))
+
+
+def load_base_weights(model: nn.Module, folder: str) -> None:
+    """Copy each parameter's local shard from the safetensors files (DTensor-aware)."""
     from raycpt.model.lora import base_weight_name
 
     reader = SafetensorsReader(folder)
@@ -118,12 +129,7 @@ def load_base_weights(model: nn.Module, folder: str) -> None:
             if full is None:
                 missing.append(name)
                 continue
-            if isinstance(param, DTensor):
-                local = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements,
-                                          src_data_rank=None).to_local()
-                param.to_local().copy_(local)
-            else:
-                param.copy_(full.to(param.dtype))
+            copy_full_into(param, full)
     if missing:
         raise ModelError(f"model.base: {folder} lacks weights for {missing[:5]} ({len(missing)} in all)")
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from raycpt.config import LoraConfig, ModelConfig
-from raycpt.model.hf import ModelError, decoder_layers
+from raycpt.model.hf import ModelError, copy_full_into, decoder_layers
 
 ADAPTER = "default"  # peft's adapter name; part of every adapter parameter's name
 PEFT_PREFIX = "base_model.model."  # how peft's saved adapter files name the wrapped model
@@ -129,19 +129,6 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
-def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy this rank's part of a full tensor into a (possibly FSDP-sharded) parameter."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        if isinstance(param, DTensor):
-            local = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements,
-                                      src_data_rank=None).to_local()
-            param.to_local().copy_(local)
-        else:
-            param.copy_(full.to(param.dtype))
-
-
 def init_adapters(model: nn.Module, seed: int) -> int:
     """Fresh adapters after meta materialisation: lora_A as nn.Linear's default init (peft's),
     lora_B zero. Each full tensor comes from a generator seeded by (seed, name), so the values
@@ -152,7 +139,7 @@ def init_adapters(model: nn.Module, seed: int) -> int:
             g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(plain_name(name).encode()))
             full = torch.empty(tuple(p.shape), dtype=torch.float32)
             nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=g)
-            _copy_full(p, full)
+            copy_full_into(p, full)
             n += 1
         elif ".lora_B." in name:
             with torch.no_grad():
@@ -232,7 +219,7 @@ def load_adapter(model: nn.Module, folder: str, lora: LoraConfig) -> list[str]:
                 if is_adapter_param(name):
                     missing.append(key)
                 continue
-            _copy_full(p, f.get_tensor(found))
+            copy_full_into(p, f.get_tensor(found))
             loaded.append(name)
     if missing:
         raise ModelError(f"model.init.adapter: {folder} lacks {len(missing)} adapter tensors, e.g. {missing[:3]}; "

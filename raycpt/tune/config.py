@@ -24,11 +24,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raycpt.config import (ConfigError, JobConfig, _dotted, _fix_hint, _split_dotted, apply_overrides, parse_job,
-                           resolve_relative_paths)
+                           read_yaml_tree, resolve_relative_paths)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 
@@ -270,14 +269,7 @@ def parse_sweep(tree: dict[str, Any], base_dir: str | Path) -> tuple[JobConfig, 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[JobConfig, TuneSection]:
     """Load a job YAML with a `tune:` section; overrides may name job keys or tune keys
     (`tune.num_samples=8`)."""
-    text = Path(path).read_text()
-    try:
-        tree = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: a job YAML must be a mapping of sections (run, model, data, tune, ...)")
-    return parse_sweep(apply_overrides(tree, list(overrides)), Path(path).resolve().parent)
+    return parse_sweep(apply_overrides(read_yaml_tree(path), list(overrides)), Path(path).resolve().parent)
 
 
 def sweep_fingerprint(job: JobConfig, tune: TuneSection) -> str:
