@@ -77,9 +77,10 @@ def cluster():
                 os.killpg(node.pid, signal.SIGTERM)
         for node in reversed(nodes):
             try:
-                node.wait(timeout=30)
+                node.wait(timeout=5)  # a blocked `ray start` drains slowly; nothing here needs that
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
