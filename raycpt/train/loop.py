@@ -250,7 +250,6 @@ def run_worker(config: dict[str, Any]) -> None:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        ckpt_stall += checkpointer.wait_for_staging()  # a background save still copying the weights
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.mark()
