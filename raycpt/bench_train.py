@@ -47,6 +47,7 @@ class TrainBenchOptions:
     overrides: list[str] = field(default_factory=list)  # dotted job overrides, e.g. model.compile=false
     profile_steps: tuple[int, int] | None = None  # profile these steps [start, stop) of rank 0
     baseline_micro_batch_size: int | None = None  # None: the real path's; halved on out-of-memory
+    kill_at_step: int | None = None  # SIGKILL rank 0 once this step's checkpoint commits; time the resume
 
 
 def synthetic_tokenizer(vocab_size: int):
@@ -110,7 +111,7 @@ def bench_job_tree(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dic
         "optim": {"peak_lr": 1e-4, "warmup_steps": min(10, o.steps)},
         "scaling": {"num_workers": o.workers, "use_gpu": o.use_gpu},
         # Past max_steps: only the final save, after the last timed step.
-        "checkpoint": {"interval_steps": o.checkpoint_every or o.steps + 1, "keep_last": 1},
+        "checkpoint": {"interval_steps": o.checkpoint_every or o.kill_at_step or o.steps + 1, "keep_last": 1},
     }
     return apply_overrides(tree, list(o.overrides))
 
@@ -123,10 +124,19 @@ def run_real_path(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dict
     job = parse_job(bench_job_tree(o, model_dir, source_dir))
     shutil.rmtree(os.path.join(job.run.storage, job.run.name), ignore_errors=True)  # never resume a bench
     metrics_file = os.path.join(o.workdir, f"{job.run.name}.metrics.jsonl")
-    if os.path.exists(metrics_file):
-        os.remove(metrics_file)
+    timeline_file = os.path.join(o.workdir, f"{job.run.name}.timeline.jsonl")
+    for stale in (metrics_file, timeline_file):
+        if os.path.exists(stale):
+            os.remove(stale)
     t0 = time.perf_counter()
-    loop_options: dict[str, Any] = {"random_weights": True, "metrics_file": metrics_file}
+    loop_options: dict[str, Any] = {"random_weights": True, "metrics_file": metrics_file,
+                                    "timeline_file": timeline_file}
+    if o.kill_at_step:
+        if job.train.max_steps <= o.kill_at_step or o.kill_at_step % job.checkpoint.interval_steps:
+            raise ValueError(f"--kill-at-step {o.kill_at_step}: must be a checkpoint step before --steps {o.steps}")
+        flag = os.path.join(o.workdir, f"{job.run.name}.kill")
+        open(flag, "w").close()
+        loop_options["kill_after_commit"] = [flag, o.kill_at_step]
     if o.profile_steps:
         loop_options["profile"] = [os.path.join(o.workdir, f"{job.run.name}.profile.txt"), *o.profile_steps]
     result = train(job, loop_options=loop_options)
@@ -135,7 +145,9 @@ def run_real_path(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dict
         raise RuntimeError(f"bench train: the training run failed: {result.error}")
     with open(metrics_file) as f:
         reports = [json.loads(line) for line in f if line.strip()]
-    out = {"reports": reports, "wall_s": wall, "job": job}
+    with open(timeline_file) as f:
+        timeline = [json.loads(line) for line in f if line.strip()]
+    out = {"reports": reports, "wall_s": wall, "job": job, "timeline": timeline}
     if "profile" in loop_options and os.path.exists(loop_options["profile"][0]):
         with open(loop_options["profile"][0]) as f:
             out["profile"] = f.read()
@@ -143,21 +155,24 @@ def run_real_path(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dict
 
 
 def summarize_real(reports: list[dict[str, Any]], o: TrainBenchOptions, flops_tok: float,
-                   peak: float | None) -> dict[str, Any]:
+                   peak: float | None, timeline: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     # A worker-group restart (Ray Train's FailureConfig) resumes from the last checkpoint and
     # reports steps again: time only the last attempt, and say that there was a restart.
     starts = [i for i in range(1, len(reports)) if reports[i]["step"] <= reports[i - 1]["step"]]
-    restarts = len(starts)
+    # An attempt killed before its first report shows only in the timeline.
+    restarts = max(len(starts), sum(e["event"] == "worker_start" for e in timeline or []) - 1)
     reports = reports[starts[-1]:] if starts else reports
+    # Warm-up counts from the attempt's first step (a resumed attempt compiles again).
+    warm_until = reports[0]["step"] - len(reports[0]["step_times_s"]) + o.warmup_steps
     times: list[float] = []
     first = 0
     wait, stall, elapsed = 0.0, [], 0.0
     for r in reports:
         n = len(r["step_times_s"])
         steps = range(r["step"] - n, r["step"])
-        kept = [t for s, t in zip(steps, r["step_times_s"]) if s >= o.warmup_steps]
+        kept = [t for s, t in zip(steps, r["step_times_s"]) if s >= warm_until]
         times += kept
-        if r["step"] - n >= o.warmup_steps:  # whole window past warm-up
+        if r["step"] - n >= warm_until:  # whole window past warm-up
             wait += r["data_wait_share"] * sum(r["step_times_s"])
             elapsed += sum(r["step_times_s"])
         if r.get("checkpoint_stall_s"):
@@ -169,6 +184,20 @@ def summarize_real(reports: list[dict[str, Any]], o: TrainBenchOptions, flops_to
                checkpoint_stall_s=max(stall) if stall else None, final_loss=reports[-1]["loss"],
                restarts=restarts)
     return out
+
+
+def resume_timeline(timeline: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Seconds from the kill to each phase of the attempt that followed it: Ray Train restarting
+    the worker group, the model built and the checkpoint loaded, the first new step done."""
+    kills = [i for i, e in enumerate(timeline) if e["event"] == "kill"]
+    if not kills:
+        return None
+    t_kill = timeline[kills[-1]]["time"]
+    after = {e["event"]: e["time"] - t_kill for e in timeline[kills[-1] + 1:]}
+    if "first_step" not in after:
+        raise RuntimeError("bench train: the run did not take a step after the kill")
+    return {"worker_start_s": after.get("worker_start"), "model_ready_s": after.get("model_ready"),
+            "first_step_s": after["first_step"]}
 
 
 def _timing(times: list[float], tokens_per_step: int, flops_tok: float, peak: float | None,
@@ -291,8 +320,9 @@ def bench_train(o: TrainBenchOptions, log=print) -> dict[str, Any]:
     from raycpt.model.hf import build_on_meta, param_count
 
     flops_tok = flops_per_token(param_count(build_on_meta(cfg)), cfg.num_hidden_layers, cfg.hidden_size, o.seq_len)
-    results: dict[str, Any] = {"raycpt": summarize_real(real["reports"], o, flops_tok, peak)}
+    results: dict[str, Any] = {"raycpt": summarize_real(real["reports"], o, flops_tok, peak, real["timeline"])}
     results["raycpt"]["wall_s"] = real["wall_s"]
+    results["raycpt"]["resume_after_kill"] = resume_timeline(real["timeline"])
     if real.get("profile"):
         results["raycpt"]["profile"] = real["profile"]
     for kind in o.baselines:
@@ -339,6 +369,11 @@ def format_report(r: dict[str, Any]) -> str:
     if r["results"]["raycpt"].get("restarts"):
         lines.append(f"note: the training run restarted {r['results']['raycpt']['restarts']} time(s); "
                      "only its last attempt is timed")
+    resume = r["results"]["raycpt"].get("resume_after_kill")
+    if resume:
+        lines.append(f"resume after SIGKILL of rank 0 at step {o['kill_at_step']}: first new step done "
+                     f"{resume['first_step_s']:.1f}s after the kill (workers restarted at "
+                     f"{resume['worker_start_s']:.1f}s, model built + checkpoint loaded at {resume['model_ready_s']:.1f}s)")
     for k, ratio in r["ratios_per_device"].items():
         lines.append(f"raycpt / {names.get(k, k)}, tokens/s per device: {ratio['all_steps']:.3f}x over all timed "
                      f"steps (saves included), {ratio['median_step']:.3f}x at the median step")

@@ -130,7 +130,7 @@ def _cmd_bench_train(a: argparse.Namespace) -> int:
                           warmup_steps=a.warmup_steps, workers=workers, use_gpu=use_gpu,
                           checkpoint_every=a.checkpoint_every, baselines=baselines, overrides=a.overrides,
                           profile_steps=tuple(a.profile) if a.profile else None,
-                          baseline_micro_batch_size=a.baseline_micro_batch_size)
+                          baseline_micro_batch_size=a.baseline_micro_batch_size, kill_at_step=a.kill_at_step)
     r = bench_train(o)
     if a.json:
         with open(a.json, "w") as f:
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain-loop baselines to run on one device in this process")
     b.add_argument("--baseline-micro-batch-size", type=int, default=None,
                    help="micro-batch of the plain loops (default: --micro-batch-size; halved on out-of-memory)")
+    b.add_argument("--kill-at-step", type=int, default=None, metavar="K",
+                   help="SIGKILL rank 0 once step K's checkpoint commits and time the automatic resume "
+                        "(kill -> first new step)")
     b.add_argument("--cpu", action="store_true", help="CPU workers (gloo) even where a GPU is present")
     b.add_argument("--profile", nargs=2, type=int, default=None, metavar=("START", "STOP"),
                    help="torch.profiler over these steps of rank 0; kernel table to <workdir>/<run>.profile.txt")

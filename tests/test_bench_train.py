@@ -5,23 +5,28 @@ from __future__ import annotations
 
 import json
 
-from raycpt.bench_train import TrainBenchOptions, format_report, summarize_real
+from raycpt.bench_train import TrainBenchOptions, format_report, resume_timeline, summarize_real
 
 
-def test_bench_train_tiny_on_cpu(tmp_path, ray_local, capsys):
+def test_bench_train_tiny_on_cpu_with_a_kill(tmp_path, ray_local, capsys):
     from raycpt.cli import main
 
     out = tmp_path / "bench.json"
     rc = main(["bench", "train", "--shape", "tiny", "--cpu", "--workers", "1", "--seq-len", "32",
-               "--micro-batch-size", "2", "--global-batch-size", "4", "--steps", "4", "--warmup-steps", "1",
-               "--baseline", "eager", "--workdir", str(tmp_path / "work"), "--json", str(out)])
+               "--micro-batch-size", "2", "--global-batch-size", "4", "--steps", "6", "--warmup-steps", "1",
+               "--kill-at-step", "2", "--baseline", "eager", "--workdir", str(tmp_path / "work"),
+               "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "raycpt train (Ray+FSDP2)" in printed and "plain loop, eager" in printed
+    assert "resume after SIGKILL of rank 0 at step 2" in printed
     r = json.loads(out.read_text())
     real, plain = r["results"]["raycpt"], r["results"]["plain_eager"]
-    assert real["timed_steps"] == 3 and plain["timed_steps"] == 3
-    assert real["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0 and real["restarts"] == 0
+    # The resumed attempt (steps 2..6) is timed without its own first step; the plain loop's 6 steps without one.
+    assert real["restarts"] == 1 and real["timed_steps"] == 3 and plain["timed_steps"] == 5
+    resume = real["resume_after_kill"]
+    assert 0 < resume["worker_start_s"] <= resume["model_ready_s"] <= resume["first_step_s"] < 120
+    assert real["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0
     assert 0 < real["final_loss"] < 20
     assert r["ratios_per_device"]["plain_eager"]["all_steps"] > 0
     assert r["job"]["model"]["loss_chunk_tokens"] > 0  # the real path trains through the chunked loss
@@ -35,7 +40,16 @@ def test_summary_times_only_the_last_attempt_after_a_restart():
                {**base, "step": 6, "step_times_s": [1.0, 1.0, 1.0]},   # first attempt
                {**base, "step": 6, "step_times_s": [2.0, 2.0, 2.0]}]   # restarted at step 3
     s = summarize_real(reports, o, flops_tok=1.0, peak=None)
-    assert s["restarts"] == 1 and s["timed_steps"] == 3 and s["step_median_s"] == 2.0
+    # The restarted attempt's first step (step 3: compiling again) is its warm-up.
+    assert s["restarts"] == 1 and s["timed_steps"] == 2 and s["step_median_s"] == 2.0
     assert s["tokens_per_s"] == 2 * 8 / 2.0
     assert "tokens/s" in format_report({"options": {**o.__dict__, "baselines": []}, "device": "cpu",
                                         "flops_per_token": 1.0, "results": {"raycpt": s}, "ratios_per_device": {}})
+
+
+def test_resume_timeline_counts_from_the_last_kill():
+    timeline = [{"event": "worker_start", "time": 0.0}, {"event": "first_step", "time": 5.0},
+                {"event": "kill", "time": 10.0}, {"event": "worker_start", "time": 14.0},
+                {"event": "model_ready", "time": 20.0}, {"event": "first_step", "time": 31.5}]
+    assert resume_timeline(timeline) == {"worker_start_s": 4.0, "model_ready_s": 10.0, "first_step_s": 21.5}
+    assert resume_timeline(timeline[:2]) is None

@@ -10,6 +10,7 @@ flight (a new save first waits for the previous one).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -55,6 +56,33 @@ def _pinned_stager():
     from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
     return BlockingAsyncStager(cache_staged_state_dict=True)
+
+
+def staging_buffers_like(obj: Any, pin: bool = True) -> Any:
+    """Empty pinned host buffers in the structure of a state dict, as the stager caches them.
+
+    torch's own first-stage path copies every tensor to pageable memory and then again into
+    pinned memory; only the allocation is needed, since each save copies into the buffers."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, dict):
+        return {k: staging_buffers_like(v, pin) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(staging_buffers_like(v, pin) for v in obj)
+    if isinstance(obj, DTensor):
+        if obj.dim() == 0:
+            return obj
+        local = obj.to_local()
+        ret = torch.empty_like(obj, device="cpu")  # a DTensor with a lazily allocated local tensor
+        ret._local_tensor = staging_buffers_like(local, pin)
+        return ret
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() == 0:
+            return torch.tensor(0, dtype=obj.dtype)
+        if obj.numel() == 0:
+            return torch.zeros_like(obj, device="cpu")
+        return torch.empty(tuple(obj.size()), dtype=obj.dtype, pin_memory=pin)
+    return obj
 
 
 def model_state(model: nn.Module) -> dict[str, Any]:
@@ -104,12 +132,38 @@ class Checkpointer:
         # On GPUs the staging copy goes into pinned host buffers reused across saves. (On CPU the
         # default stager copies into fresh memory; pinning needs an accelerator.)
         self.stager = _pinned_stager() if async_save and torch.cuda.is_available() else None
+        self._preparing: threading.Thread | None = None
+
+    def prepare_staging(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Allocate the pinned staging buffers in a background thread, so the first save of an
+        attempt does not stall the loop while tens of GB are page-locked. Call once the optimizer
+        state exists (after the first step); a save that comes first waits for it."""
+        if self.stager is None or getattr(self.stager, "state_dict_cache", "absent") is not None:
+            return
+        state = {"model": model_state(model), "optimizer": optimizer_state(model, optimizer)}
+
+        def allocate() -> None:
+            t0 = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    self.stager.state_dict_cache = staging_buffers_like(state)
+            except Exception as e:  # noqa: BLE001 - the stager then allocates at the first save
+                self.log(f"checkpoint: pinned staging buffers not prepared ({type(e).__name__}: {e}); "
+                         "the first save allocates them")
+                return
+            self.log(f"checkpoint: pinned staging buffers ready in {time.perf_counter() - t0:.1f}s")
+
+        self._preparing = threading.Thread(target=allocate, name="raycpt-pin-staging", daemon=True)
+        self._preparing.start()
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              train_state: dict[str, Any]) -> float:
         """Start (or do) a save of `step`; returns the seconds the training loop was blocked."""
         t0 = time.perf_counter()
         self.wait()
+        if self._preparing is not None:
+            self._preparing.join()
+            self._preparing = None
         uri = step_uri(self.run_uri, step)
         if self.rank == 0 and storage.exists(uri) and not storage.exists(storage.join(uri, COMMIT_MARKER)):
             # A torn save of this step from before a restart (maybe by another world size): start

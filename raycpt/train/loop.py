@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -84,6 +85,8 @@ def run_worker(config: dict[str, Any]) -> None:
     ray_train = _ray_context()
     say = _say if rank == 0 else (lambda msg: None)
     stop = StopFlag()
+    timeline = Timeline(config.get("timeline_file") if rank == 0 else None, device)
+    timeline.mark("worker_start", None)
 
     # ---- The start decision -------------------------------------------------------------------
     decision = decide_start(job)
@@ -137,6 +140,7 @@ def run_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, job.optim, device)
     if decision.checkpoint is not None:
         load_sharded(decision.checkpoint.uri, model, optimizer if decision.load_optimizer else None)
+    timeline.mark("model_ready", decision.train_state["step"] if decision.kind == "resume" else 0)
 
     source_names = [s.name for s in job.data.sources]
     if decision.kind == "resume":
@@ -237,6 +241,8 @@ def run_worker(config: dict[str, Any]) -> None:
     window_t0, window_wait0, window_steps, ckpt_stall = time.perf_counter(), timer.wait_s, 0, 0.0
     clock.mark()
     preemption_saved = False
+    first_step = step
+    kill_after_commit = config.get("kill_after_commit")  # raycpt bench train --kill-at-step
     while step < job.train.max_steps:
         lr = lr_at(step, job.optim, job.train.max_steps)
         set_lr(optimizer, lr)
@@ -256,6 +262,10 @@ def run_worker(config: dict[str, Any]) -> None:
         step += 1
         profiler.step(step)
         window_steps += 1
+        if step == first_step + 1:
+            timeline.mark("first_step", step, sync=True)
+            # The optimizer state exists now: page-lock the async save's host buffers off the hot path.
+            checkpointer.prepare_staging(model, optimizer)
 
         if job.train.log_sample_ids:
             gathered: list[Any] = [None] * world
@@ -319,6 +329,14 @@ def run_worker(config: dict[str, Any]) -> None:
             if job.train.log_sample_ids and rank == 0:
                 _append_sample_log(job.run_uri, sample_log)
                 sample_log.clear()
+            if kill_after_commit and step == kill_after_commit[1] and _agree(
+                    rank == 0 and os.path.exists(kill_after_commit[0]), device):
+                checkpointer.wait()
+                if rank == 0:
+                    os.remove(kill_after_commit[0])
+                    timeline.mark("kill", step)
+                    _say(f"fault injection: SIGKILL to this worker after the commit of step {step}")
+                    os.kill(os.getpid(), signal.SIGKILL)
         if stop_now:
             checkpointer.wait()
             report_commit()
@@ -336,6 +354,22 @@ def run_worker(config: dict[str, Any]) -> None:
     report_commit()
     mlog.close()
     say(f"done at step {step}; tokens per source: {json.dumps(plan.tokens_per_source(job.data.seq_len))}")
+
+
+class Timeline:
+    """Wall-clock marks of an attempt's phases, appended as JSON lines to the loop option
+    `timeline_file` on rank 0 (raycpt bench train times a resume after a kill with them)."""
+
+    def __init__(self, path: str | None, device: torch.device):
+        self.path, self.device = path, device
+
+    def mark(self, event: str, step: int | None, sync: bool = False) -> None:
+        if self.path is None:
+            return
+        if sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once per attempt: the step has really run
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"event": event, "step": step, "time": time.time()}) + "\n")
 
 
 def _fault_hook(config: dict[str, Any]):

@@ -1,0 +1,64 @@
+"""The staging buffers prepared ahead of the first async save have exactly the structure the
+stager copies into, so a save through them writes the live values (LR included), not stale ones."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from raycpt.checkpoint.dcp import model_state, optimizer_state, staging_buffers_like
+from raycpt.model.fsdp import build_sharded_model
+from raycpt.model.hf import load_config
+from raycpt.train.optim import build_optimizer
+
+
+def test_prepared_buffers_take_a_staging_copy_of_model_and_optimizer(tmp_path, tiny_model):
+    from torch.distributed._state_dict_utils import _copy_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from raycpt.config import OptimConfig
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = build_sharded_model(load_config(tiny_model), mesh, torch.device("cpu"), param_dtype=None,
+                                    attn_implementation="sdpa", activation_checkpointing=False,
+                                    compile_blocks=False, weights_from=tiny_model)
+        optimizer = build_optimizer(model, OptimConfig(peak_lr=1e-3), torch.device("cpu"))
+        x = torch.randint(0, 64, (2, 8))
+        model(input_ids=x, labels=x, use_cache=False).loss.backward()
+        optimizer.step()  # the optimizer state exists from here on
+
+        buffers = staging_buffers_like({"model": model_state(model), "optimizer": optimizer_state(model, optimizer)},
+                                       pin=False)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.123  # changes between preparing the buffers and the save
+        live = {"model": model_state(model), "optimizer": optimizer_state(model, optimizer)}
+        staged = _copy_state_dict(live, buffers)
+
+        def flat(d, prefix=""):
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    yield from flat(v, f"{prefix}{k}.")
+                else:
+                    yield f"{prefix}{k}", v
+
+        live_flat, staged_flat = dict(flat(live)), dict(flat(staged))
+        assert live_flat.keys() == staged_flat.keys()
+        tensors = 0
+        for key, value in live_flat.items():
+            got = staged_flat[key]
+            if isinstance(value, DTensor):
+                assert isinstance(got, DTensor) and got.placements == value.placements
+                assert got.to_local().device.type == "cpu"
+                assert torch.equal(got.to_local(), value.to_local().cpu()), key
+                assert got.to_local().data_ptr() != value.to_local().data_ptr(), key  # a copy
+                tensors += 1
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(got, value.cpu()), key
+        assert tensors > 10
+        assert all(g["lr"] == 0.123 for g in staged["optimizer"]["param_groups"])
+    finally:
+        dist.destroy_process_group()
