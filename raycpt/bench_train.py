@@ -157,11 +157,11 @@ def run_real_path(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dict
 def summarize_real(reports: list[dict[str, Any]], o: TrainBenchOptions, flops_tok: float,
                    peak: float | None, timeline: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     # A worker-group restart (Ray Train's FailureConfig) resumes from the last checkpoint and
-    # reports steps again: time only the last attempt, and say that there was a restart.
-    starts = [i for i in range(1, len(reports)) if reports[i]["step"] <= reports[i - 1]["step"]]
-    # An attempt killed before its first report shows only in the timeline.
-    restarts = max(len(starts), sum(e["event"] == "worker_start" for e in timeline or []) - 1)
-    reports = reports[starts[-1]:] if starts else reports
+    # reports steps again: time only the last attempt, and say that there was a restart. (An
+    # attempt killed before its first report shows only in the timeline.)
+    restarts = max(len({r["attempt"] for r in reports}),
+                   sum(e["event"] == "worker_start" for e in timeline or [])) - 1
+    reports = [r for r in reports if r["attempt"] == reports[-1]["attempt"]]
     # Warm-up counts from the attempt's first step (a resumed attempt compiles again).
     warm_until = reports[0]["step"] - len(reports[0]["step_times_s"]) + o.warmup_steps
     times: list[float] = []
@@ -196,8 +196,8 @@ def resume_timeline(timeline: list[dict[str, Any]]) -> dict[str, float] | None:
     after = {e["event"]: e["time"] - t_kill for e in timeline[kills[-1] + 1:]}
     if "first_step" not in after:
         raise RuntimeError("bench train: the run did not take a step after the kill")
-    return {"worker_start_s": after.get("worker_start"), "model_ready_s": after.get("model_ready"),
-            "first_step_s": after["first_step"]}
+    return {"worker_start_s": after.get("worker_start"), "model_built_s": after.get("model_built"),
+            "model_ready_s": after.get("model_ready"), "first_step_s": after["first_step"]}
 
 
 def _timing(times: list[float], tokens_per_step: int, flops_tok: float, peak: float | None,
@@ -373,7 +373,8 @@ def format_report(r: dict[str, Any]) -> str:
     if resume:
         lines.append(f"resume after SIGKILL of rank 0 at step {o['kill_at_step']}: first new step done "
                      f"{resume['first_step_s']:.1f}s after the kill (workers restarted at "
-                     f"{resume['worker_start_s']:.1f}s, model built + checkpoint loaded at {resume['model_ready_s']:.1f}s)")
+                     f"{resume['worker_start_s']:.1f}s, model built at {resume['model_built_s']:.1f}s, checkpoint loaded at "
+                     f"{resume['model_ready_s']:.1f}s)")
     for k, ratio in r["ratios_per_device"].items():
         lines.append(f"raycpt / {names.get(k, k)}, tokens/s per device: {ratio['all_steps']:.3f}x over all timed "
                      f"steps (saves included), {ratio['median_step']:.3f}x at the median step")

@@ -36,9 +36,9 @@ def test_summary_times_only_the_last_attempt_after_a_restart():
     o = TrainBenchOptions(shape="tiny", workdir="/unused", seq_len=8, micro_batch_size=1, global_batch_size=2,
                           steps=6, warmup_steps=1)
     base = {"data_wait_share": 0.0, "checkpoint_stall_s": 0.0, "loss": 1.0}
-    reports = [{**base, "step": 3, "step_times_s": [9.0, 1.0, 1.0]},
-               {**base, "step": 6, "step_times_s": [1.0, 1.0, 1.0]},   # first attempt
-               {**base, "step": 6, "step_times_s": [2.0, 2.0, 2.0]}]   # restarted at step 3
+    reports = [{**base, "step": 3, "step_times_s": [9.0, 1.0, 1.0], "attempt": 1},
+               {**base, "step": 6, "step_times_s": [1.0, 1.0, 1.0], "attempt": 1},
+               {**base, "step": 6, "step_times_s": [2.0, 2.0, 2.0], "attempt": 2}]   # restarted at step 3
     s = summarize_real(reports, o, flops_tok=1.0, peak=None)
     # The restarted attempt's first step (step 3: compiling again) is its warm-up.
     assert s["restarts"] == 1 and s["timed_steps"] == 2 and s["step_median_s"] == 2.0
@@ -50,6 +50,8 @@ def test_summary_times_only_the_last_attempt_after_a_restart():
 def test_resume_timeline_counts_from_the_last_kill():
     timeline = [{"event": "worker_start", "time": 0.0}, {"event": "first_step", "time": 5.0},
                 {"event": "kill", "time": 10.0}, {"event": "worker_start", "time": 14.0},
-                {"event": "model_ready", "time": 20.0}, {"event": "first_step", "time": 31.5}]
-    assert resume_timeline(timeline) == {"worker_start_s": 4.0, "model_ready_s": 10.0, "first_step_s": 21.5}
+                {"event": "model_built", "time": 15.0}, {"event": "model_ready", "time": 20.0},
+                {"event": "first_step", "time": 31.5}]
+    assert resume_timeline(timeline) == {"worker_start_s": 4.0, "model_built_s": 5.0, "model_ready_s": 10.0,
+                                         "first_step_s": 21.5}
     assert resume_timeline(timeline[:2]) is None

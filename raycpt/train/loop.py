@@ -99,8 +99,9 @@ def run_worker(config: dict[str, Any]) -> None:
             say(f"resume: Ray's record says step {ray_step}; the newest committed checkpoint in storage "
                 f"(step {decision.checkpoint.step}) wins")
     say(decision.message)
+    attempt_id = time.time_ns()
     if rank == 0:  # every (re)start of the run, for `raycpt status` and the fault tests
-        storage.write_json(storage.join(job.run_uri, "metrics", "starts", f"{time.time_ns()}.json"), {
+        storage.write_json(storage.join(job.run_uri, "metrics", "starts", f"{attempt_id}.json"), {
             "kind": decision.kind, "world_size": world, "wall_time": time.time(),
             "step": int(decision.train_state["step"]) if decision.kind == "resume" else 0,
             "checkpoint": decision.checkpoint.uri if decision.checkpoint else None,
@@ -138,6 +139,7 @@ def run_worker(config: dict[str, Any]) -> None:
     if n_trainable < n_total:
         say(f"partial training: {n_trainable / 1e6:.2f}M of {n_total / 1e6:.2f}M params trainable")
     optimizer = build_optimizer(model, job.optim, device)
+    timeline.mark("model_built", None, sync=True)
     if decision.checkpoint is not None:
         load_sharded(decision.checkpoint.uri, model, optimizer if decision.load_optimizer else None)
     timeline.mark("model_ready", decision.train_state["step"] if decision.kind == "resume" else 0)
@@ -279,11 +281,13 @@ def run_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
             if device.type != "cuda":
                 mean_loss /= world
+            # Read the step clock first: it waits for the device, which runs behind the host, so
+            # the window's wall time covers its steps' work, not just their launch.
+            step_times = clock.read()
             elapsed = time.perf_counter() - window_t0
             tokens = window_steps * job.train.global_batch_size * job.data.seq_len
             tps = tokens / max(elapsed, 1e-9)
             gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            step_times = clock.read()
             metrics = {
                 "step": step, "max_steps": job.train.max_steps, "loss": float(mean_loss), "lr": lr,
                 "grad_norm": float(gn), "tokens_per_s": tps,
@@ -300,7 +304,7 @@ def run_worker(config: dict[str, Any]) -> None:
             mlog.train(metrics)
             if rank == 0 and config.get("metrics_file"):  # raycpt bench train reads every step's time
                 with open(config["metrics_file"], "a") as f:
-                    f.write(json.dumps({**metrics, "step_times_s": step_times}) + "\n")
+                    f.write(json.dumps({**metrics, "step_times_s": step_times, "attempt": attempt_id}) + "\n")
             if ray_train is not None:
                 ray_train.report({k: v for k, v in metrics.items() if v is not None})
             window_t0, window_wait0, window_steps, ckpt_stall = time.perf_counter(), timer.wait_s, 0, 0.0
