@@ -55,3 +55,20 @@ def test_resume_timeline_counts_from_the_last_kill():
     assert resume_timeline(timeline) == {"worker_start_s": 4.0, "model_built_s": 5.0, "model_ready_s": 10.0,
                                          "first_step_s": 21.5}
     assert resume_timeline(timeline[:2]) is None
+
+
+def test_device_idle_summary_merges_overlapping_kernels():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from raycpt.train.step import device_idle_summary
+
+    def ev(start, end, device=DeviceType.CUDA):
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device)
+
+    # Busy 0-4000 us (two overlapping kernels), idle 4000-5000, busy 5000-6000, idle 6000-6500, busy to 7000.
+    events = [ev(0, 3000), ev(1000, 4000), ev(5000, 6000), ev(6500, 7000), ev(0, 9000, DeviceType.CPU)]
+    line = device_idle_summary(SimpleNamespace(events=lambda: events), steps=1)
+    assert line.startswith("device window 7.0 ms over 1 steps: busy 5.5 ms, idle 1.5 ms (21.4%) in 2 gaps")
+    assert "longest: 1.00ms@4ms, 0.50ms@6ms" in line

@@ -8,6 +8,7 @@ recorded at step boundaries and read only at report steps (`StepClock`).
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -96,8 +97,44 @@ class StepProfiler:
             key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             with open(self.path, "w") as f:
                 f.write(f"steps {self.start}..{self.stop - 1}\n")
+                if torch.cuda.is_available():
+                    f.write(device_idle_summary(self.prof, self.stop - self.start) + "\n")
                 f.write(self.prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90))
+            if torch.cuda.is_available():  # the timeline, for chrome://tracing or Perfetto
+                import gzip
+                import shutil
+
+                raw = self.path + ".trace.json"
+                self.prof.export_chrome_trace(raw)
+                with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.remove(raw)
             self.prof = None
+
+
+def device_idle_summary(prof, steps: int) -> str:
+    """How much of the profiled window the GPU ran nothing (union of kernel and copy intervals),
+    and the longest idle gaps: idle time is what launch overhead or a host wait costs."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not spans:
+        return "device idle: no device events"
+    busy, gaps, (cur_s, cur_e) = 0.0, [], spans[0]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append((s - cur_e, cur_e - spans[0][0]))
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    window = cur_e - spans[0][0]
+    idle = window - busy
+    top = ", ".join(f"{g / 1e3:.2f}ms@{at / 1e3:.0f}ms" for g, at in sorted(gaps, reverse=True)[:8])
+    return (f"device window {window / 1e3:.1f} ms over {steps} steps: busy {busy / 1e3:.1f} ms, idle "
+            f"{idle / 1e3:.1f} ms ({100 * idle / window:.1f}%) in {len(gaps)} gaps; longest: {top}")
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
