@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from raycpt.checkpoint.dcp import model_state, optimizer_state, staging_buffers_like
+from raycpt.checkpoint.dcp import model_state, optimizer_state, same_layout, staging_buffers_like
 from raycpt.model.fsdp import build_sharded_model
 from raycpt.model.hf import load_config
 from raycpt.train.optim import build_optimizer
@@ -60,5 +60,14 @@ def test_prepared_buffers_take_a_staging_copy_of_model_and_optimizer(tmp_path, t
                 assert torch.equal(got, value.cpu()), key
         assert tensors > 10
         assert all(g["lr"] == 0.123 for g in staged["optimizer"]["param_groups"])
+
+        # A layout change (here: one parameter without optimizer state) is detected before a copy.
+        assert same_layout(live, buffers)
+        fewer = {"model": live["model"], "optimizer": {**live["optimizer"], "state": dict(
+            list(live["optimizer"]["state"].items())[1:])}}
+        assert not same_layout(fewer, buffers)
+        other_dtype = {**live, "model": {k: (v.to(torch.float64) if i == 0 else v)
+                                         for i, (k, v) in enumerate(live["model"].items())}}
+        assert not same_layout(other_dtype, buffers)
     finally:
         dist.destroy_process_group()

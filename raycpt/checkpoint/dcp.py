@@ -85,6 +85,26 @@ def staging_buffers_like(obj: Any, pin: bool = True) -> Any:
     return obj
 
 
+def same_layout(state: Any, buffers: Any) -> bool:
+    """Whether `buffers` (from `staging_buffers_like`) can take a staging copy of `state`: the same
+    keys and list lengths, and tensors of the same local shape and dtype where `state` has tensors."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, dict):
+        return (isinstance(buffers, dict) and state.keys() == buffers.keys()
+                and all(same_layout(v, buffers[k]) for k, v in state.items()))
+    if isinstance(state, (list, tuple)):
+        return (isinstance(buffers, (list, tuple)) and len(state) == len(buffers)
+                and all(same_layout(a, b) for a, b in zip(state, buffers)))
+    if isinstance(state, torch.Tensor):
+        if not isinstance(buffers, torch.Tensor):
+            return False
+        a = state.to_local() if isinstance(state, DTensor) else state
+        b = buffers.to_local() if isinstance(buffers, DTensor) else buffers
+        return a.shape == b.shape and a.dtype == b.dtype
+    return True
+
+
 def model_state(model: nn.Module) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -170,6 +190,12 @@ class Checkpointer:
             # clean. No rank writes before DCP's planning collective, which waits for rank 0.
             storage.remove_tree(uri)
         state = {"model": model_state(model), "optimizer": optimizer_state(model, optimizer)}
+        cache = getattr(self.stager, "state_dict_cache", None)
+        if cache is not None and not same_layout(state, cache):
+            # The state's layout changed since the buffers were made (a parameter got optimizer
+            # state late): this save allocates new ones rather than fail on the mismatch.
+            self.log("checkpoint: the state changed layout; re-allocating the pinned staging buffers")
+            self.stager.state_dict_cache = None
         if self.async_save:
             kwargs = {"async_stager": self.stager} if self.stager is not None else {}
             fut = dcp.async_save(state, storage_writer=_writer(uri), process_group=self.pg, **kwargs)
