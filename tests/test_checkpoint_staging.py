@@ -71,3 +71,14 @@ def test_prepared_buffers_take_a_staging_copy_of_model_and_optimizer(tmp_path, t
         assert not same_layout(other_dtype, buffers)
     finally:
         dist.destroy_process_group()
+
+
+def test_bench_checkpoint_times_saves_and_leaves_nothing_behind(tmp_path):
+    from raycpt.checkpoint.bench import bench_checkpoint
+
+    rows = bench_checkpoint("tiny", str(tmp_path / "store"), saves=2, log=lambda m: None)
+    assert [r["mode"] for r in rows] == ["sync", "async"]
+    for r in rows:
+        assert 0 < r["stall_s_median"] <= r["stall_s_max"] and r["persist_s_median"] > 0
+        assert r["staging_buffers_s"] >= 0 and r["state_gib"] > 0
+    assert list((tmp_path / "store").iterdir()) == []

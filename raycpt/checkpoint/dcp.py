@@ -176,14 +176,18 @@ class Checkpointer:
         self._preparing = threading.Thread(target=allocate, name="raycpt-pin-staging", daemon=True)
         self._preparing.start()
 
+    def wait_for_staging_buffers(self) -> None:
+        """Block until `prepare_staging`'s allocation (if one is running) is done."""
+        if self._preparing is not None:
+            self._preparing.join()
+            self._preparing = None
+
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              train_state: dict[str, Any]) -> float:
         """Start (or do) a save of `step`; returns the seconds the training loop was blocked."""
         t0 = time.perf_counter()
         self.wait()
-        if self._preparing is not None:
-            self._preparing.join()
-            self._preparing = None
+        self.wait_for_staging_buffers()
         uri = step_uri(self.run_uri, step)
         if self.rank == 0 and storage.exists(uri) and not storage.exists(storage.join(uri, COMMIT_MARKER)):
             # A torn save of this step from before a restart (maybe by another world size): start
