@@ -132,8 +132,6 @@ def run_real_path(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dict
     loop_options: dict[str, Any] = {"random_weights": True, "metrics_file": metrics_file,
                                     "timeline_file": timeline_file}
     if o.kill_at_step:
-        if job.train.max_steps <= o.kill_at_step or o.kill_at_step % job.checkpoint.interval_steps:
-            raise ValueError(f"--kill-at-step {o.kill_at_step}: must be a checkpoint step before --steps {o.steps}")
         flag = os.path.join(o.workdir, f"{job.run.name}.kill")
         open(flag, "w").close()
         loop_options["kill_after_commit"] = [flag, o.kill_at_step]
@@ -303,11 +301,17 @@ def _wait_for(queue, process) -> dict[str, Any]:
 
 
 def bench_train(o: TrainBenchOptions, log=print) -> dict[str, Any]:
+    from raycpt.config import ConfigError  # bad options exit 2 with the flag named, like a bad job
+
     if o.shape not in SHAPES:
-        raise ValueError(f"--shape: unknown {o.shape!r}; choose from {sorted(SHAPES)}")
+        raise ConfigError(f"--shape: unknown {o.shape!r}; choose from {sorted(SHAPES)}")
     if o.global_batch_size % (o.workers * o.micro_batch_size):
-        raise ValueError(f"--global-batch-size {o.global_batch_size} must be a multiple of --workers x "
-                         f"--micro-batch-size ({o.workers} x {o.micro_batch_size})")
+        raise ConfigError(f"--global-batch-size {o.global_batch_size} must be a multiple of --workers x "
+                          f"--micro-batch-size ({o.workers} x {o.micro_batch_size})")
+    if o.kill_at_step is not None and not (0 < o.kill_at_step < o.steps and
+                                           o.kill_at_step % (o.checkpoint_every or o.kill_at_step) == 0):
+        raise ConfigError(f"--kill-at-step {o.kill_at_step}: must be a checkpoint step (a multiple of "
+                          f"--checkpoint-every) between 0 and --steps {o.steps}")
     os.makedirs(o.workdir, exist_ok=True)
     model_dir = write_model_folder(o.shape, os.path.join(o.workdir, f"model-{o.shape}"))
     rows = max(256, o.global_batch_size * 8)  # the plan cycles over them; speed does not depend on content

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -164,3 +165,29 @@ def straight_run(tmp_path_factory, tiny_model, prepared_sources, ray_local) -> t
     result = run_logged(tree)
     assert result.error is None, result.error
     return tree, parse_job(tree).run_uri
+
+
+@contextlib.contextmanager
+def one_rank_group(store_path: str):
+    """A 1-rank gloo process group in this process: the FSDP2 and DCP code paths without Ray."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def cpu_sharded_model(model_dir: str, weights_from: str | None):
+    """The training build (meta -> FSDP2 on a 1-rank CPU mesh -> weights) of an HF folder's model;
+    call inside `one_rank_group`."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from raycpt.model.fsdp import build_sharded_model
+    from raycpt.model.hf import load_config
+
+    return build_sharded_model(load_config(model_dir), init_device_mesh("cpu", (1,)), torch.device("cpu"),
+                               param_dtype=None, attn_implementation="sdpa", activation_checkpointing=False,
+                               compile_blocks=False, weights_from=weights_from)

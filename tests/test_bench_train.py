@@ -72,3 +72,16 @@ def test_device_idle_summary_merges_overlapping_kernels():
     line = device_idle_summary(SimpleNamespace(events=lambda: events), steps=1)
     assert line.startswith("device window 7.0 ms over 1 steps: busy 5.5 ms, idle 1.5 ms (21.4%) in 2 gaps")
     assert "longest: 1.00ms@4ms, 0.50ms@6ms" in line
+
+
+def test_bad_bench_options_exit_2_naming_the_flag_before_writing_anything(tmp_path, capsys):
+    from raycpt.cli import main
+
+    work = tmp_path / "work"
+    for bad, flag in ((["--kill-at-step", "9"], "--kill-at-step 9"),
+                      (["--kill-at-step", "3", "--checkpoint-every", "2"], "--kill-at-step 3"),
+                      (["--global-batch-size", "3"], "--global-batch-size 3")):
+        assert main(["bench", "train", "--shape", "tiny", "--cpu", "--steps", "6", "--micro-batch-size", "2",
+                     "--workdir", str(work), *bad]) == 2
+        assert flag in capsys.readouterr().err
+    assert not work.exists()

@@ -4,38 +4,29 @@ stager copies into, so a save through them writes the live values (LR included),
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from raycpt.checkpoint.dcp import model_state, optimizer_state, same_layout, staging_buffers_like
-from raycpt.model.fsdp import build_sharded_model
-from raycpt.model.hf import load_config
+from conftest import cpu_sharded_model, one_rank_group
+from raycpt.checkpoint.dcp import same_layout, saved_state, staging_buffers_like
 from raycpt.train.optim import build_optimizer
 
 
 def test_prepared_buffers_take_a_staging_copy_of_model_and_optimizer(tmp_path, tiny_model):
     from torch.distributed._state_dict_utils import _copy_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     from raycpt.config import OptimConfig
 
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        model = build_sharded_model(load_config(tiny_model), mesh, torch.device("cpu"), param_dtype=None,
-                                    attn_implementation="sdpa", activation_checkpointing=False,
-                                    compile_blocks=False, weights_from=tiny_model)
+    with one_rank_group(str(tmp_path / "store")):
+        model = cpu_sharded_model(tiny_model, weights_from=tiny_model)
         optimizer = build_optimizer(model, OptimConfig(peak_lr=1e-3), torch.device("cpu"))
         x = torch.randint(0, 64, (2, 8))
         model(input_ids=x, labels=x, use_cache=False).loss.backward()
         optimizer.step()  # the optimizer state exists from here on
 
-        buffers = staging_buffers_like({"model": model_state(model), "optimizer": optimizer_state(model, optimizer)},
-                                       pin=False)
+        buffers = staging_buffers_like(saved_state(model, optimizer), pin=False)
         for group in optimizer.param_groups:
             group["lr"] = 0.123  # changes between preparing the buffers and the save
-        live = {"model": model_state(model), "optimizer": optimizer_state(model, optimizer)}
+        live = saved_state(model, optimizer)
         staged = _copy_state_dict(live, buffers)
 
         def flat(d, prefix=""):
@@ -69,8 +60,6 @@ def test_prepared_buffers_take_a_staging_copy_of_model_and_optimizer(tmp_path, t
         other_dtype = {**live, "model": {k: (v.to(torch.float64) if i == 0 else v)
                                          for i, (k, v) in enumerate(live["model"].items())}}
         assert not same_layout(other_dtype, buffers)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_bench_checkpoint_times_saves_and_leaves_nothing_behind(tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_job_tree
+from conftest import one_rank_group, tiny_job_tree
 from raycpt import storage
 from raycpt.checkpoint.layout import latest_committed
 from raycpt.config import parse_job
@@ -57,16 +57,10 @@ def base_state(base: str) -> dict[str, torch.Tensor]:
 def run_in_process(tree: dict, tmp_path) -> None:
     """The worker loop on one rank in this process (gloo, FSDP2 on a 1-rank mesh, no Ray): the
     cheap way to drive short runs; the 2-worker runs go through Ray Train."""
-    import torch.distributed as dist
-
     from raycpt.train.loop import run_worker
 
-    store = dist.FileStore(str(tmp_path / f"store-{tree['run']['name']}"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
+    with one_rank_group(str(tmp_path / f"store-{tree['run']['name']}")):
         run_worker({"job": parse_job(tree).model_dump(mode="json"), "local_stream": True})
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import time
 import pytest
 import yaml
 
-from conftest import run_logged, sample_log, tiny_job_tree
+from conftest import cpu_sharded_model, one_rank_group, run_logged, sample_log, tiny_job_tree
 from raycpt import storage
 from raycpt.checkpoint.layout import latest_committed, list_checkpoints
 from raycpt.config import parse_job
@@ -136,14 +136,10 @@ def test_changed_data_config_is_refused_unless_marked_intended(uninterrupted):
 
 def test_export_gives_an_hf_folder_with_the_trained_logits(uninterrupted, tmp_path, tiny_model):
     import torch
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raycpt.checkpoint.dcp import load_sharded
     from raycpt.checkpoint.export import export_hf
-    from raycpt.model.fsdp import build_sharded_model
-    from raycpt.model.hf import load_config
 
     _, run_uri = uninterrupted
     out = export_hf(run_uri, str(tmp_path / "hf"))
@@ -152,19 +148,12 @@ def test_export_gives_an_hf_folder_with_the_trained_logits(uninterrupted, tmp_pa
     x = torch.randint(0, 1000, (2, 24))
 
     # The training code path: meta build, FSDP2, DCP load of the same checkpoint (1 rank).
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        model = build_sharded_model(load_config(tiny_model), mesh, torch.device("cpu"), param_dtype=None,
-                                    attn_implementation="sdpa", activation_checkpointing=False,
-                                    compile_blocks=False, weights_from=None)
+    with one_rank_group(str(tmp_path / "store")):
+        model = cpu_sharded_model(tiny_model, weights_from=None)
         load_sharded(latest_committed(run_uri).uri, model, None)
         with torch.no_grad():
             trained = model(input_ids=x).logits
             base = AutoModelForCausalLM.from_pretrained(tiny_model)(input_ids=x).logits
-    finally:
-        dist.destroy_process_group()
     with torch.no_grad():
         got = exported(input_ids=x).logits
     assert torch.allclose(got, trained, atol=1e-5), (got - trained).abs().max()

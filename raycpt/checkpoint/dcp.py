@@ -117,6 +117,11 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return get_optimizer_state_dict(model, optimizer)
 
 
+def saved_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a checkpoint holds, as DCP saves it (and as the stager's buffers mirror it)."""
+    return {"model": model_state(model), "optimizer": optimizer_state(model, optimizer)}
+
+
 def load_sharded(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load model (and optimizer) shards from a committed checkpoint; DCP reshards to any world size."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -158,9 +163,10 @@ class Checkpointer:
         """Allocate the pinned staging buffers in a background thread, so the first save of an
         attempt does not stall the loop while tens of GB are page-locked. Call once the optimizer
         state exists (after the first step); a save that comes first waits for it."""
-        if self.stager is None or getattr(self.stager, "state_dict_cache", "absent") is not None:
+        # Only a stager that caches its buffers (`state_dict_cache`: None until made); else nothing to do.
+        if getattr(self.stager, "state_dict_cache", False) is not None:
             return
-        state = {"model": model_state(model), "optimizer": optimizer_state(model, optimizer)}
+        state = saved_state(model, optimizer)
 
         def allocate() -> None:
             t0 = time.perf_counter()
@@ -193,7 +199,7 @@ class Checkpointer:
             # A torn save of this step from before a restart (maybe by another world size): start
             # clean. No rank writes before DCP's planning collective, which waits for rank 0.
             storage.remove_tree(uri)
-        state = {"model": model_state(model), "optimizer": optimizer_state(model, optimizer)}
+        state = saved_state(model, optimizer)
         cache = getattr(self.stager, "state_dict_cache", None)
         if cache is not None and not same_layout(state, cache):
             # The state's layout changed since the buffers were made (a parameter got optimizer
