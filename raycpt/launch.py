@@ -155,9 +155,9 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
                 # calls), which FailureConfig does not retry and which can leave the workers'
                 # placement group reserved: give it back and fit again; the run resumes from its
                 # newest committed checkpoint, as a resubmission would.
-                release()
                 if attempt == job.checkpoint.max_failures:
-                    return _FailedResult(e)
+                    return _FailedResult(e)  # released below
+                release()
                 print(f"raycpt: Ray Train's controller failed ({str(e).splitlines()[0][:200]}); "
                       f"starting again ({attempt + 1}/{job.checkpoint.max_failures})", flush=True)
             except ray.train.TrainingFailedError as e:
