@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from raycpt.config import ConfigError
+from raycpt.errors import RaycptError
 
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
@@ -295,22 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as e:
+    except RaycptError as e:
         print(f"raycpt {args.cmd}: {e}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        from raycpt.checkpoint.resume import ResumeError
-        from raycpt.data.manifest import DataError
-        from raycpt.checkpoint.export import ExportError
-        from raycpt.model.hf import ModelError
-        from raycpt.plot import PlotError
-        from raycpt.storage import StorageError
-
-        if isinstance(e, (DataError, ResumeError, StorageError, FileNotFoundError, ExportError, ModelError, PlotError)):
-            print(f"raycpt {args.cmd}: {e}", file=sys.stderr)
-            return 2
-        raise
-
+    except FileNotFoundError as e:
+        print(f"raycpt {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,8 +19,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raycpt.errors import RaycptError
 
-class ConfigError(ValueError):
+
+class ConfigError(RaycptError, ValueError):
     """A job config that cannot run; the message lists every problem with its dotted key."""
 
 

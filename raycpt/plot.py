@@ -11,10 +11,11 @@ from typing import Any
 
 from raycpt import storage
 from raycpt.checkpoint.layout import TRAIN_STATE, latest_committed
+from raycpt.errors import RaycptError
 from raycpt.train.logbook import metrics_uri, read_train_log
 
 
-class PlotError(RuntimeError):
+class PlotError(RaycptError, RuntimeError):
     pass
 
 

@@ -16,6 +16,8 @@ from typing import Any, Callable, TypeVar
 
 import fsspec
 
+from raycpt.errors import RaycptError
+
 T = TypeVar("T")
 
 # Set by `configure_storage` from `run.s3_endpoint_url`, or from the environment variable that
@@ -23,7 +25,7 @@ T = TypeVar("T")
 _S3_ENDPOINT_ENV = "RAYCPT_S3_ENDPOINT_URL"
 
 
-class StorageError(RuntimeError):
+class StorageError(RaycptError, RuntimeError):
     """Storage that cannot be reached or read; the message names the URI and the likely fix."""
 
 

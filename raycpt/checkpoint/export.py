@@ -12,12 +12,13 @@ import shutil
 import torch
 import torch.distributed.checkpoint as dcp
 
+from raycpt.errors import RaycptError
 from raycpt import storage
 from raycpt.checkpoint.dcp import _reader
 from raycpt.checkpoint.layout import TRAIN_STATE, checkpoint_uri_of
 
 
-class ExportError(RuntimeError):
+class ExportError(RaycptError, RuntimeError):
     pass
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from raycpt.errors import RaycptError
 from raycpt import storage
 from raycpt.checkpoint.layout import TRAIN_STATE, CheckpointEntry, checkpoint_uri_of, latest_committed
 from raycpt.config import JobConfig
@@ -29,7 +30,7 @@ RESUME_CRITICAL = (
 TRAIN_STATE_VERSION = 1
 
 
-class ResumeError(RuntimeError):
+class ResumeError(RaycptError, RuntimeError):
     """A resume that would silently change the run; the message lists what and how to allow it."""
 
 

@@ -11,13 +11,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from raycpt.errors import RaycptError
 from raycpt import storage
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class DataError(ValueError):
+class DataError(RaycptError, ValueError):
     """Bad or mismatched training data; the message names the file or config key."""
 
 

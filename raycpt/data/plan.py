@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from raycpt.errors import RaycptError
+
 # A sample id packs (source, epoch, row) into one int64 for logs and equivalence tests.
 _ROW_BITS = 40
 _EPOCH_BITS = 15
@@ -38,7 +40,7 @@ def split_sample_id(sid: int) -> tuple[int, int, int]:
     return sid >> (_ROW_BITS + _EPOCH_BITS), (sid >> _ROW_BITS) & ((1 << _EPOCH_BITS) - 1), sid & ((1 << _ROW_BITS) - 1)
 
 
-class DataExhausted(RuntimeError):
+class DataExhausted(RaycptError, RuntimeError):
     """Every source has used up its `epochs`."""
 
 

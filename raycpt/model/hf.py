@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from raycpt.errors import RaycptError
 
-class ModelError(ValueError):
+
+class ModelError(RaycptError, ValueError):
     """A base model that cannot be used; names the config key and the fix."""
 
 
