@@ -67,8 +67,10 @@ def _torch_config_with_sigterm_hook(backend: str):
     return _Config(backend=backend)
 
 
-def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, callbacks: list[Any] | None = None):
-    """`callbacks`: Ray Train callbacks, e.g. the one a sweep trial forwards metrics to Tune with."""
+def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
+                  gpus_per_worker: float = 1.0):
+    """`callbacks`: Ray Train callbacks, e.g. the one a sweep trial forwards metrics to Tune with;
+    `gpus_per_worker` < 1: a share of a GPU, so several sweep trials train on one (tune.gpus_per_trial)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -82,7 +84,7 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
         train_loop_config={"job": job.model_dump(mode="json"), **(loop_options or {})},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=job.scaling.use_gpu,
-            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if job.scaling.use_gpu else {})},
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": gpus_per_worker} if job.scaling.use_gpu else {})},
         ),
         torch_config=_torch_config_with_sigterm_hook(backend="nccl" if job.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
