@@ -121,29 +121,32 @@ class SyncSuccessiveHalving(FIFOScheduler):
 
     def __init__(self, rungs: list[int], reduction_factor: float, gate: TrialGate, time_attr: str = "step",
                  metric: str | None = None, mode: str | None = None,
-                 on_pause: Callable[[Trial], None] | None = None):
+                 on_pause: Callable[[Trial], None] | None = None, log: Callable[[str], None] | None = print):
         super().__init__()
         self.rungs = list(rungs)
         self.reduction_factor = reduction_factor
         self.gate = gate
         self.time_attr = time_attr
-        self.metric, self.mode = metric, mode
+        self._metric, self._mode = metric, mode
         self.on_pause = on_pause
         self.level: dict[str, int] = {}                       # trial id -> index of the rung it must pass next
         self.scores: list[dict[str, float]] = [{} for _ in self.rungs]  # rung -> trial id -> loss (lower better)
         self.last: dict[str, tuple[float, float]] = {}        # trial id -> (time, loss) of its latest result
         self.out: set[str] = set()                            # stopped, finished or failed
         self.to_resume: list[str] = []                        # promoted while paused, in order
+        self.paused_unreleased: set[str] = set()              # paused; on_pause not yet called
         self.trials: dict[str, Trial] = {}
         self.num_stopped = 0
+        self.log = log
+        self._deciding = False
 
     # -- Tune's scheduler interface -------------------------------------------------------------
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
-        if self.metric and metric or self.mode and mode:
+        if self._metric and metric or self._mode and mode:
             return False
-        self.metric = self.metric or metric
-        self.mode = self.mode or mode
+        self._metric = self._metric or metric
+        self._mode = self._mode or mode
         return True
 
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
@@ -154,9 +157,9 @@ class SyncSuccessiveHalving(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         self.gate.controller = tune_controller
         tid = trial.trial_id
-        if self.time_attr not in result or self.metric not in result:
+        if self.time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
-        loss = float(result[self.metric]) * (1.0 if self.mode == "min" else -1.0)
+        loss = float(result[self._metric]) * (1.0 if self._mode == "min" else -1.0)
         self.last[tid] = (float(result[self.time_attr]), loss)
         lvl = self.level.get(tid, 0)
         if lvl >= len(self.rungs) or self.last[tid][0] < self.rungs[lvl]:
@@ -168,8 +171,7 @@ class SyncSuccessiveHalving(FIFOScheduler):
         if self.level[tid] > lvl:
             return TrialScheduler.CONTINUE
         if self._slot_wanted(tune_controller):
-            if self.on_pause is not None:
-                self.on_pause(trial)
+            self.paused_unreleased.add(tid)  # on_pause once its actor has stopped (choose_trial_to_run)
             return TrialScheduler.PAUSE
         return TrialScheduler.CONTINUE
 
@@ -177,9 +179,9 @@ class SyncSuccessiveHalving(FIFOScheduler):
         self._remove(tune_controller, trial)
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
-        if trial.should_recover():
-            return  # Tune starts it again (tune.max_trial_failures); it keeps its place
-        self._remove(tune_controller, trial)
+        # Tune calls this for a failure it retries (tune.max_trial_failures) as for a last one;
+        # the trial's status tells them apart later (`_alive`), when the next call judges.
+        self.gate.controller = tune_controller
 
     def on_trial_remove(self, tune_controller, trial: Trial) -> None:
         self._remove(tune_controller, trial)
@@ -188,6 +190,13 @@ class SyncSuccessiveHalving(FIFOScheduler):
         """New trials first (the rung cannot be judged before they reach it), then promoted ones;
         never a paused trial that still waits for its rung's verdict."""
         self.gate.controller = tune_controller
+        for tid in list(self.paused_unreleased):
+            if self.trials[tid].status == Trial.PAUSED:
+                # Its actor has stopped: give the workers' placement group back (ray#54305).
+                self.paused_unreleased.discard(tid)
+                if self.on_pause is not None:
+                    self.on_pause(self.trials[tid])
+        self._decide(tune_controller, current=None)  # a trial that failed for good may complete a rung
         for trial in tune_controller.get_trials():
             if trial.status == Trial.PENDING:
                 return trial
@@ -219,34 +228,48 @@ class SyncSuccessiveHalving(FIFOScheduler):
             running >= self.gate.max_concurrent
 
     def _decide(self, tune_controller, current: str | None) -> set[str]:
-        """Judge every rung that is complete (lowest first); returns the trials stopped."""
-        stopped: set[str] = set()
-        for lvl in range(len(self.rungs)):
-            at_level = [t for t, v in self.level.items() if v == lvl and t not in self.out]
-            if not at_level or any(t not in self.scores[lvl] for t in at_level):
-                if at_level:
+        """Judge every rung that is complete (lowest first); returns the trials stopped.
+
+        All bookkeeping is done before Tune is told to stop anyone: stopping a trial calls
+        back into this scheduler (on_trial_complete), which must see the verdict already."""
+        if self._deciding:
+            return set()
+        self._deciding = True
+        stopped: list[str] = []
+        try:
+            for tid, trial in self.trials.items():
+                if trial.status in (Trial.ERROR, Trial.TERMINATED) and tid != current:
+                    self.out.add(tid)
+            for lvl in range(len(self.rungs)):
+                at_level = [t for t, v in self.level.items() if v == lvl and t not in self.out]
+                if not at_level:
+                    continue
+                if any(t not in self.scores[lvl] for t in at_level) or (lvl == 0 and self._to_come(tune_controller)):
                     break
-                continue
-            if lvl == 0 and self._to_come(tune_controller):
-                break
-            if any(v < lvl and t not in self.out for t, v in self.level.items()):
-                break
-            ranked = sorted(at_level, key=lambda t: self.scores[lvl][t])
-            keep = max(1, math.ceil(len(ranked) / self.reduction_factor))
-            for tid in ranked[keep:]:
-                self.out.add(tid)
-                stopped.add(tid)
-                self.num_stopped += 1
-                if tid != current:
-                    tune_controller.stop_trial(self.trials[tid])
-            for tid in ranked[:keep]:
-                self.level[tid] = lvl + 1
-                if self.trials[tid].status == Trial.PAUSED:
-                    self.to_resume.append(tid)
-                t, loss = self.last[tid]
-                if lvl + 1 < len(self.rungs) and t >= self.rungs[lvl + 1]:
-                    self.scores[lvl + 1].setdefault(tid, loss)  # it trained on while it waited
-        return stopped
+                if any(v < lvl and t not in self.out for t, v in self.level.items()):
+                    break
+                ranked = sorted(at_level, key=lambda t: self.scores[lvl][t])
+                keep = max(1, math.ceil(len(ranked) / self.reduction_factor))
+                for tid in ranked[keep:]:
+                    self.out.add(tid)
+                    stopped.append(tid)
+                for tid in ranked[:keep]:
+                    self.level[tid] = lvl + 1
+                    if self.trials[tid].status == Trial.PAUSED:
+                        self.to_resume.append(tid)
+                    t, loss = self.last[tid]
+                    if lvl + 1 < len(self.rungs) and t >= self.rungs[lvl + 1]:
+                        self.scores[lvl + 1].setdefault(tid, loss)  # it trained on while it waited
+                self.num_stopped += len(ranked) - keep
+                if self.log is not None:
+                    self.log(f"raycpt tune: rung at step {self.rungs[lvl]}: {keep} of {len(ranked)} trials go on "
+                             f"({', '.join(ranked[:keep])}); stopping {', '.join(ranked[keep:]) or 'none'}")
+        finally:
+            self._deciding = False
+        for tid in stopped:
+            if tid != current:
+                tune_controller.stop_trial(self.trials[tid])
+        return set(stopped)
 
     def _remove(self, tune_controller, trial: Trial) -> None:
         self.gate.controller = tune_controller

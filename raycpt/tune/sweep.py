@@ -261,9 +261,6 @@ def run_sweep(job: JobConfig, tune: TuneSection, address: str | None = None,
                 metric="objective", mode="min",
                 scheduler=_scheduler(kind, tune, job, gate, on_pause=state_callback.release),
                 search_alg=_search_alg(tune, first, concurrent, gate),
-                # A trial's driver process is kept for the next trial: its imports (torch,
-                # transformers, Ray Train) are paid once per slot, not once per trial.
-                reuse_actors=True,
                 # The baseline point takes one sample (with grid keys: one repetition of the grid).
                 num_samples=tune.num_samples + len(first),
                 trial_dirname_creator=_trial_dirname,
