@@ -33,6 +33,10 @@ from ray.tune.search import Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def rung_steps(grace_steps: int, reduction_factor: float, budget_steps: int, every_steps: int) -> list[int]:
     """Steps at which trials are judged, as in a HyperBand bracket: budget / factor^k for
     k = 1, 2, ... while not below the grace period, each rounded down to a multiple of
@@ -121,7 +125,7 @@ class SyncSuccessiveHalving(FIFOScheduler):
 
     def __init__(self, rungs: list[int], reduction_factor: float, gate: TrialGate, time_attr: str = "step",
                  metric: str | None = None, mode: str | None = None,
-                 on_pause: Callable[[Trial], None] | None = None, log: Callable[[str], None] | None = print):
+                 on_pause: Callable[[Trial], None] | None = None, log: Callable[[str], None] | None = None):
         super().__init__()
         self.rungs = list(rungs)
         self.reduction_factor = reduction_factor
@@ -137,7 +141,7 @@ class SyncSuccessiveHalving(FIFOScheduler):
         self.paused_unreleased: set[str] = set()              # paused; on_pause not yet called
         self.trials: dict[str, Trial] = {}
         self.num_stopped = 0
-        self.log = log
+        self.log = log or say  # module-level: Tune pickles the scheduler with the experiment
         self._deciding = False
 
     # -- Tune's scheduler interface -------------------------------------------------------------

@@ -123,7 +123,7 @@ def pause_rungs(tune: TuneSection, job: JobConfig) -> list[int]:
     return rung_steps(s.grace_period_steps or every, s.reduction_factor, budget, every)
 
 
-def _scheduler(kind: str, tune: TuneSection, job: JobConfig, gate: TrialGate, on_pause):
+def build_scheduler(kind: str, tune: TuneSection, job: JobConfig, gate: TrialGate, on_pause):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     s = tune.scheduler
@@ -140,7 +140,7 @@ def _scheduler(kind: str, tune: TuneSection, job: JobConfig, gate: TrialGate, on
     return FIFOScheduler()
 
 
-def _search_alg(tune: TuneSection, first: list[dict[str, Any]], concurrent: int, gate: TrialGate | None):
+def build_search_alg(tune: TuneSection, first: list[dict[str, Any]], concurrent: int, gate: TrialGate | None):
     """Tune's search for tune.search; under synchronous halving its concurrency limit is `gate`
     (a paused trial must not count as running)."""
     from ray.tune.search import ConcurrencyLimiter
@@ -259,8 +259,8 @@ def run_sweep(job: JobConfig, tune: TuneSection, address: str | None = None,
             param_space=_search_space(tune),
             tune_config=ray.tune.TuneConfig(
                 metric="objective", mode="min",
-                scheduler=_scheduler(kind, tune, job, gate, on_pause=state_callback.release),
-                search_alg=_search_alg(tune, first, concurrent, gate),
+                scheduler=build_scheduler(kind, tune, job, gate, on_pause=state_callback.release),
+                search_alg=build_search_alg(tune, first, concurrent, gate),
                 # The baseline point takes one sample (with grid keys: one repetition of the grid).
                 num_samples=tune.num_samples + len(first),
                 trial_dirname_creator=_trial_dirname,
