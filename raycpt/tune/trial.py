@@ -14,8 +14,9 @@ checkpoint by raycpt's ordinary start decision. All trials read the same prepare
 
 Under synchronous successive halving (raycpt/tune/schedulers.py) Tune pauses a trial at a rung
 by ending it, and starts it again once it is promoted. So that nothing is trained twice, every
-rung is a checkpoint step of the trial (`trial_checkpoint_interval`), its saves are synchronous,
-and the trial's result at a rung reaches Tune only once that step's checkpoint is committed.
+rung is a checkpoint step of the trial (`trial_checkpoint_interval`), and the trial's result at a
+rung reaches Tune only once that step's checkpoint is committed (an async save commits at the
+first step boundary after it is durable, so the trial trains on a few steps at most).
 
 Start-up: with the loop option `timeline_dir`, each start of a trial appends its phases to
 <timeline_dir>/<trial id>.jsonl (trial_start here, then the worker loop's worker_start,
@@ -102,7 +103,6 @@ def run_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     rungs = spec.get("pause_rungs") or []
     if rungs:  # a paused trial resumes from its rung's checkpoint, committed before Tune hears of the rung
         tree["checkpoint"]["interval_steps"] = trial_checkpoint_interval(tree["checkpoint"]["interval_steps"], rungs)
-        tree["checkpoint"]["async_save"] = False
     job = parse_job(tree)
     storage.configure_storage(job.run.s3_endpoint_url)
     loop_options = dict(spec.get("loop_options") or {})
