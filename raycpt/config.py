@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -277,14 +278,27 @@ class JobConfig(_Section):
         lo, hi = (nw, nw) if isinstance(nw, int) else nw
         if lo < 1 or hi < lo:
             problems.append(f"scaling.num_workers: need 1 <= min <= max (got {nw})")
-        for w in sorted({lo, hi}):
-            per = self.train.micro_batch_size * w
-            if self.train.global_batch_size % per:
-                problems.append(
-                    f"train.global_batch_size: {self.train.global_batch_size} is not a multiple of "
-                    f"micro_batch_size x workers = {per}; pick a multiple so gradient accumulation "
-                    f"keeps the global batch exact"
-                )
+        # Ray Train may start an elastic run at any size in the range, so every size must split
+        # the global batch into whole micro batches per worker, not only the two ends.
+        per_worker = [w for w in range(max(lo, 1), hi + 1)
+                      if self.train.global_batch_size % (self.train.micro_batch_size * w)]
+        if per_worker and lo == hi:
+            problems.append(
+                f"train.global_batch_size: {self.train.global_batch_size} is not a multiple of "
+                f"micro_batch_size x workers = {self.train.micro_batch_size * lo}; pick a multiple so gradient "
+                f"accumulation keeps the global batch exact"
+            )
+        elif per_worker:
+            fits = [w for w in range(lo, hi + 1) if w not in per_worker]
+            sizes = ", ".join(str(w) for w in per_worker)
+            problems.append(
+                f"scaling.num_workers: [{lo}, {hi}] includes {sizes} worker(s), which do not split "
+                f"train.global_batch_size {self.train.global_batch_size} into micro batches of "
+                f"train.micro_batch_size {self.train.micro_batch_size}; use a range whose every size does"
+                + (f" (of these: {' or '.join(str(w) for w in fits)})" if fits else "")
+                + " or make train.global_batch_size a multiple of micro_batch_size x every size"
+                f" (e.g. {self.train.micro_batch_size * math.lcm(*range(lo, hi + 1))})"
+            )
         if self.optim.warmup_steps > self.train.max_steps:
             problems.append(f"optim.warmup_steps: {self.optim.warmup_steps} exceeds train.max_steps {self.train.max_steps}")
         if self.optim.min_lr > self.optim.peak_lr:

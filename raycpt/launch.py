@@ -7,8 +7,9 @@ workers' start decision then finds the newest committed checkpoint there.
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from raycpt import storage
 from raycpt.config import JobConfig
@@ -147,7 +148,7 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
             print(f"raycpt: could not release the run's placement groups: {type(e).__name__}: {e}", flush=True)
 
     try:
-        for attempt in range(job.checkpoint.max_failures + 1):
+        for attempt in controller_attempts(job.checkpoint.max_failures):
             try:
                 return build_trainer(job, loop_options, callbacks=callbacks).fit()
             except ray.train.ControllerError as e:
@@ -158,14 +159,20 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
                 if attempt == job.checkpoint.max_failures:
                     return _FailedResult(e)  # released below
                 release()
+                of = "unlimited" if job.checkpoint.max_failures < 0 else job.checkpoint.max_failures
                 print(f"raycpt: Ray Train's controller failed ({str(e).splitlines()[0][:200]}); "
-                      f"starting again ({attempt + 1}/{job.checkpoint.max_failures})", flush=True)
+                      f"starting again ({attempt + 1}/{of})", flush=True)
             except ray.train.TrainingFailedError as e:
                 return _FailedResult(e)
-        raise AssertionError("unreachable")
     finally:
         release()
         ray.kill(registry)
+
+
+def controller_attempts(max_failures: int) -> Iterator[int]:
+    """Attempt numbers 0, 1, ... for `checkpoint.max_failures` retries after the first fit; -1
+    retries without end (as Ray's FailureConfig reads -1)."""
+    return itertools.count() if max_failures < 0 else iter(range(max_failures + 1))
 
 
 class _FailedResult:

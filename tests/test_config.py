@@ -60,6 +60,18 @@ def test_cross_field_problems_name_the_key_and_fix():
     assert "train.global_batch_size" in msg and "multiple" in msg
 
 
+def test_an_elastic_range_is_checked_at_every_size_not_only_its_ends():
+    tree = minimal()  # global batch 8, micro batch 1: 2 and 4 workers split it, 3 do not
+    tree["scaling"] = {"num_workers": [2, 4]}
+    with pytest.raises(ConfigError) as e:
+        parse_job(tree)
+    msg = str(e.value)
+    assert "scaling.num_workers: [2, 4] includes 3 worker(s)" in msg, msg
+    assert "2 or 4" in msg and "e.g. 12" in msg, msg
+    tree["train"]["global_batch_size"] = 12
+    assert parse_job(tree).worker_range() == (2, 4)
+
+
 def test_missing_section_is_named():
     tree = minimal()
     del tree["checkpoint"]
