@@ -113,7 +113,7 @@ def preflight(job: JobConfig) -> str:
         storage.check_reachable(src.path, f"data.sources[{i}].path")
     decision = decide_start(job)
     if decision.kind == "resume":
-        check_resume_config(decision.train_state["config"], job)
+        check_resume_config(decision.train_state.config, job)
     if job.model.base and os.path.isdir(job.model.base):  # on a cluster the folder may live on workers only
         config = load_config(job.model.base)
         tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))

@@ -124,13 +124,13 @@ def trials_that_fit(job: JobConfig, tune: TuneSection, resources: dict[str, floa
 
 
 def _check_same_sweep(uri: str, fingerprint: str, job: JobConfig, tune: TuneSection) -> None:
-    from raycpt.checkpoint.resume import _flatten
+    from raycpt.checkpoint.resume import flatten
 
     saved = storage.read_json(storage.join(uri, SWEEP_FILE))
     if saved["fingerprint"] == fingerprint:
         return
     now = {"job": job.model_dump(mode="json"), "tune": tune.model_dump(mode="json")}
-    a, b = _flatten({"job": saved["job"], "tune": saved["tune"]}), _flatten(now)
+    a, b = flatten({"job": saved["job"], "tune": saved["tune"]}), flatten(now)
     diffs = [f"  {k.split('.', 1)[1] if k.startswith('job.') else k}: {a.get(k)!r} -> {b.get(k)!r}"
              for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     raise ConfigError(f"sweep {tune.name} at {uri} was started with another config:\n" + "\n".join(diffs)
