@@ -10,10 +10,12 @@ every problem at once with its dotted path and the fix, e.g.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -340,7 +342,8 @@ class JobConfig(_Section):
 _INDEX = re.compile(r"^([^\[\]]+)((?:\[\d+\])*)$")
 
 
-def _split_dotted(path: str) -> list[str | int]:
+def split_dotted(path: str) -> list[str | int]:
+    """`a.b[1].c` -> ['a', 'b', 1, 'c']."""
     parts: list[str | int] = []
     for token in path.split("."):
         m = _INDEX.match(token)
@@ -358,7 +361,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=20")
         key, raw = item.split("=", 1)
-        parts = _split_dotted(key.strip())
+        parts = split_dotted(key.strip())
         node: Any = tree
         for i, part in enumerate(parts[:-1]):
             nxt = parts[i + 1]
@@ -379,20 +382,50 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _dotted(loc: tuple[Any, ...]) -> str:
+def dotted_path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (("." if out else "") + str(part))
     return out
 
 
-def _fix_hint(err: dict[str, Any]) -> str:
+def fix_hint(err: dict[str, Any], model: type[BaseModel] | None = None) -> str:
+    """What to do about one pydantic error; an unknown key gets the nearest known key of its
+    section (`model` is the class validated, JobConfig by default)."""
     kind = err["type"]
     if kind == "extra_forbidden":
-        return "unknown key; check the spelling (see `raycpt train --help-config`)"
+        known = _section_keys(model or JobConfig, err["loc"][:-1])
+        near = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.6)
+        if near:
+            return f"unknown key; did you mean {dotted_path((*err['loc'][:-1], near[0]))}?"
+        return f"unknown key; the keys here are {', '.join(known)}" if known else "unknown key"
     if kind == "missing":
         return "required; add it to the job YAML or pass it as an override"
     return err["msg"].lower() if err.get("msg") else kind
+
+
+def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the config section at `loc` (list indices skipped); [] if unknown."""
+    cls: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        cls = _model_in(field.annotation) if field is not None else None
+        if cls is None:
+            return []
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation like `X`, `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def parse_job(tree: dict[str, Any]) -> JobConfig:
@@ -402,14 +435,14 @@ def parse_job(tree: dict[str, Any]) -> JobConfig:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            path = _dotted(err["loc"])
+            path = dotted_path(err["loc"])
             if err["type"] == "value_error" and not err["loc"]:
                 # Cross-field checks already name their keys.
                 lines.extend(str(err["ctx"]["error"]).splitlines())
                 continue
             got = err.get("input")
             got_txt = f" (got {got!r})" if err["type"] not in ("missing",) and not isinstance(got, dict) else ""
-            lines.append(f"{path}: {_fix_hint(err)}{got_txt}")
+            lines.append(f"{path}: {fix_hint(err)}{got_txt}")
         raise ConfigError("invalid job config:\n  " + "\n  ".join(lines)) from None
 
 

@@ -34,7 +34,7 @@ def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
     ray.init(address="local", num_cpus=cpus, log_to_driver=True)
 
 
-def _ray_storage(job: JobConfig) -> tuple[str, Any]:
+def ray_storage(job: JobConfig) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
     uri = job.run.storage
     if uri.startswith("s3://") and job.run.s3_endpoint_url:
@@ -77,7 +77,7 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
 
     lo, hi = job.worker_range()
     num_workers: int | tuple[int, int] = lo if lo == hi else (lo, hi)
-    storage_path, fs = _ray_storage(job)
+    storage_path, fs = ray_storage(job)
     return TorchTrainer(
         run_worker,
         train_loop_config={"job": job.model_dump(mode="json"), **(loop_options or {})},

@@ -49,6 +49,20 @@ def test_unknown_keys_and_bad_values_are_all_reported_with_dotted_paths():
     assert "optim.peak_lr" in msg
 
 
+def test_an_unknown_key_is_answered_with_the_nearest_known_key():
+    tree = minimal()
+    tree["train"]["max_stepz"] = 3
+    tree["data"]["sources"][0]["wieght"] = 1
+    tree["checkpoint"]["zzz"] = 1
+    with pytest.raises(ConfigError) as e:
+        parse_job(tree)
+    msg = str(e.value)
+    assert "train.max_stepz: unknown key; did you mean train.max_steps?" in msg, msg
+    assert "data.sources[0].wieght: unknown key; did you mean data.sources[0].weight?" in msg, msg
+    assert "checkpoint.zzz: unknown key; the keys here are async_save, interval_steps," in msg, msg
+    assert "--help-config" not in msg
+
+
 def test_cross_field_problems_name_the_key_and_fix():
     tree = minimal()
     tree["data"]["sources"][1]["weight"] = -2

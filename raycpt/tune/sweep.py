@@ -143,7 +143,7 @@ def run_sweep(job: JobConfig, tune: TuneSection, address: str | None = None,
     from ray.tune import Tuner
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from raycpt.launch import _ray_storage, connect_ray, preflight
+    from raycpt.launch import connect_ray, preflight, ray_storage
 
     t0 = time.time()
     storage.configure_storage(job.run.s3_endpoint_url)
@@ -162,7 +162,7 @@ def run_sweep(job: JobConfig, tune: TuneSection, address: str | None = None,
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec),
                                         {k.lower() if k in ("CPU", "GPU") else k: v
                                          for k, v in tune.trial_driver_resources.items()})
-    storage_path, fs = _ray_storage(job)
+    storage_path, fs = ray_storage(job)
     experiment_path = storage_path.rstrip("/") + "/" + tune.name
     if storage.exists(storage.join(uri, SWEEP_FILE)):
         _check_same_sweep(uri, fingerprint, job, tune)
