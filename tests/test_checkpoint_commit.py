@@ -46,23 +46,29 @@ def test_an_async_save_commits_at_the_first_step_boundary_after_it_is_durable(tm
         ckpt.close()
 
 
-def test_an_old_attempt_stops_before_it_commits_or_deletes_in_a_newer_attempts_folder(tmp_path):
+def test_an_old_attempt_stops_before_it_writes_commits_or_deletes_in_a_newer_attempts_folder(tmp_path):
     run = str(tmp_path / "run")
     with one_rank_group(str(tmp_path / "store")):
         model, optimizer = tiny()
         old = AttemptFence(run, new_attempt_id())
         old.claim()
-        old_ckpt = Checkpointer(run, 0, keep_last=1, keep_every_steps=None, async_save=False, log=lambda m: None,
+        old_sync = Checkpointer(run, 0, keep_last=1, keep_every_steps=None, async_save=False, log=lambda m: None,
                                 fence=old)
-        old_ckpt.save(2, model, optimizer, state_at(2))
+        old_async = Checkpointer(run, 0, keep_last=1, keep_every_steps=None, async_save=True, log=lambda m: None,
+                                 fence=old)
+        old_sync.save(2, model, optimizer, state_at(2))
+        old_async.save(4, model, optimizer, state_at(4))  # in flight when the newer attempt starts
+        old_async.wait_durable()
         assert latest_committed(run).step == 2
 
         time.sleep(0.001)
         new = AttemptFence(run, new_attempt_id())
         new.claim()  # a newer attempt starts while the old one still runs
-        with pytest.raises(AttemptFenced, match="a newer attempt") as e:
-            old_ckpt.save(4, model, optimizer, state_at(4))
+        with pytest.raises(AttemptFenced, match="commit step 4: a newer attempt") as e:
+            old_async.poll_commit()
         assert isinstance(e.value, RaycptError) and new.attempt_id in str(e.value)
+        with pytest.raises(AttemptFenced, match="write the shards of step 6"):
+            old_sync.save(6, model, optimizer, state_at(6))
         assert [(c.step, c.committed) for c in list_checkpoints(run)] == [(2, True), (4, False)]
 
         # The newer attempt commits, and its retention removes the torn save the old one left.
@@ -72,7 +78,7 @@ def test_an_old_attempt_stops_before_it_commits_or_deletes_in_a_newer_attempts_f
         assert [(c.step, c.committed) for c in list_checkpoints(run)] == [(2, True), (6, True)]
         # The old attempt may not delete either: its retention (keep_last 1) would remove step 2.
         with pytest.raises(AttemptFenced, match="delete"):
-            old_ckpt.apply_retention()
+            old_sync.apply_retention()
         assert [c.step for c in list_checkpoints(run)] == [2, 6]
 
 

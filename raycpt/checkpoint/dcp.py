@@ -164,8 +164,9 @@ class Checkpointer:
         # `poll_commit`'s per-step agreement: a CPU all-reduce on a third group (no device sync,
         # never interleaved with the background save's collectives on `pg`).
         self.poll_pg = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
-        # Rank 0 checks it is still the run's newest attempt before it commits or deletes anything.
-        self.fence = fence if rank == 0 else None
+        # Every rank checks it is still the run's newest attempt before it writes shards, and rank 0
+        # again before it commits or deletes anything (one small read each).
+        self.fence = fence
         # On GPUs the staging copy goes into pinned host buffers reused across saves. (On CPU the
         # default stager copies into fresh memory; pinning needs an accelerator.)
         self.stager = _pinned_stager() if async_save and torch.cuda.is_available() else None
@@ -207,6 +208,7 @@ class Checkpointer:
         self.wait()
         self.wait_for_staging_buffers()
         uri = step_uri(self.run_uri, step)
+        self._check_fence(f"write the shards of step {step}")
         if self.rank == 0 and storage.exists(uri) and not storage.exists(storage.join(uri, COMMIT_MARKER)):
             # A torn save of this step from before a restart (maybe by another world size): start
             # clean. No rank writes before DCP's planning collective, which waits for rank 0.
