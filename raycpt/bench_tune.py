@@ -43,9 +43,9 @@ class TuneBenchOptions:
     gpus: int | None = None         # None: every GPU of the local Ray
     cpus_per_trial: float = 1.0     # CPU workers (no --gpu): each trial's worker reserves this
     max_concurrent: int | None = None  # CPU runs: trials at once (GPU runs: trials_per_gpu x gpus)
-    steps: int = 400                # every trial's budget
-    eval_every: int = 25
-    grace_steps: int = 25
+    steps: int = 320                # every trial's budget
+    eval_every: int = 20
+    grace_steps: int = 20
     reduction_factor: float = 4.0
     seq_len: int = 1024
     global_batch_size: int = 16
