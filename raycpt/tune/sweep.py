@@ -209,7 +209,7 @@ def run_sweep(job: JobConfig, tune: TuneSection, address: str | None = None,
     more Ray Tune callbacks (raycpt bench tune times every trial with one)."""
     from ray.tune import Tuner
 
-    from raycpt.launch import TRAINING_MODULES, connect_ray, preflight, ray_storage
+    from raycpt.launch import connect_ray, preflight, ray_storage
 
     t0 = time.time()
     storage.configure_storage(job.run.s3_endpoint_url)
@@ -217,10 +217,7 @@ def run_sweep(job: JobConfig, tune: TuneSection, address: str | None = None,
     runs_uri = storage.join(uri, RUNS_FOLDER)
     # The data must fit the model before any trial starts (one check serves all trials).
     preflight(parse_job(trial_tree(job.model_dump(mode="json"), tune, {}, "preflight", runs_uri)))
-    # Each trial start is three fresh processes (Tune trial, Train controller, worker): a local
-    # Ray's idle workers import the training stack in advance (raycpt/launch.py).
-    connect_ray(min_cpus=job.worker_range()[1] * job.scaling.cpus_per_worker + 1, address=address,
-                preload_modules=TRAINING_MODULES)
+    connect_ray(min_cpus=job.worker_range()[1] * job.scaling.cpus_per_worker + 1, address=address)
     check_gpu_share(job, tune, log)
 
     fingerprint = sweep_fingerprint(job, tune)
