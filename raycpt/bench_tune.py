@@ -91,7 +91,12 @@ class TrialClock(ray.tune.Callback):
 
 def prepare_inputs(o: TuneBenchOptions, log=print) -> tuple[str, str, str]:
     """(model folder, new-domain source, replay source), made once and reused."""
-    from raycpt.demo import STDLIB_PACKAGES, english_corpus, ensure_base_model, ensure_source
+    from raycpt.demo import (
+        STDLIB_PACKAGES,
+        english_corpus,
+        ensure_base_model,
+        ensure_source,
+    )
 
     base = o.base or ensure_base_model(os.path.join(o.workdir, "models", "smollm2-135m"))
     stdlib = sysconfig.get_paths()["stdlib"]
@@ -227,9 +232,9 @@ def bench_tune(o: TuneBenchOptions, log=print) -> dict[str, Any]:
 def format_report(r: dict[str, Any]) -> str:
     o = r["options"]
     unit = "GPU-s" if o["use_gpu"] else "CPU-s"
+    packing = f", {o['trials_per_gpu']} a GPU" if o["use_gpu"] else f", {o['cpus_per_trial']:g} CPU each"
     lines = [f"bench tune: {o['trials']} trials of {o['steps']} steps (seq {o['seq_len']}, global batch "
-             f"{o['global_batch_size']}), {r['concurrent_trials']} at once"
-             + (f", {o['trials_per_gpu']} a GPU" if o["use_gpu"] else f", {o['cpus_per_trial']:g} CPU each"),
+             f"{o['global_batch_size']}), {r['concurrent_trials']} at once{packing}",
              f"{'side':<7}{'scheduler':>11}{'trial-steps':>13}{unit:>10}{'wall':>8}{'starts':>8}"
              f"{'start-up med':>14}{'best objective':>16}"]
     for name, s in r["sides"].items():

@@ -5,17 +5,24 @@ Optuna search, and the compute-share figure of `raycpt bench tune` on known numb
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
 import pytest
-
 from conftest import tiny_job_tree
+
 from raycpt import storage
 from raycpt.config import ConfigError
 from raycpt.tune.config import parse_sweep
-from raycpt.tune.resources import (CONTEXT_OVERHEAD_BYTES, GIB, check_share_fits, compute_share, job_training_memory,
-                                   training_memory)
+from raycpt.tune.resources import (
+    CONTEXT_OVERHEAD_BYTES,
+    GIB,
+    check_share_fits,
+    compute_share,
+    job_training_memory,
+    training_memory,
+)
 from raycpt.tune.schedulers import choose_kind, rung_steps
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +95,7 @@ def test_share_and_search_errors_name_the_key(tmp_path):
         parse_sweep(_tree(tmp_path, gpus_per_trial=1.5), tmp_path)
     with pytest.raises(ConfigError, match="tune.space.data.replay_ratio: tune.search=optuna draws every key"):
         parse_sweep(_tree(tmp_path, search="optuna", space={"data.replay_ratio": {"grid": [0.1, 0.2]}}), tmp_path)
-    job, tune = parse_sweep(_tree(tmp_path, scaling={"num_workers": 1, "use_gpu": True}, gpus_per_trial=0.25,
+    _, tune = parse_sweep(_tree(tmp_path, scaling={"num_workers": 1, "use_gpu": True}, gpus_per_trial=0.25,
                                   search="optuna"), tmp_path)
     assert tune.gpus_per_trial == 0.25 and tune.search == "optuna"
 
@@ -97,7 +104,7 @@ def test_optuna_search_starts_from_the_job_config_then_draws_in_bounds(tmp_path)
     pytest.importorskip("optuna")
     from raycpt.tune.sweep import build_search_alg
 
-    job, tune = parse_sweep(_tree(tmp_path, search="optuna", seed=3,
+    _, tune = parse_sweep(_tree(tmp_path, search="optuna", seed=3,
                                   space={"optim.peak_lr": {"loguniform": [1e-5, 1e-2]},
                                          "data.replay_ratio": {"choice": [0.1, 0.3]}}), tmp_path)
     import ray.tune
@@ -173,7 +180,7 @@ def test_sync_halving_stops_trials_that_run_one_at_a_time(tmp_path, tiny_model, 
     # Trials ran one at a time: each start (3 trials + the winner's resume) after the previous first step.
     spans = sorted(_spans(str(tmp_path / "timelines")))
     assert len(spans) == 4
-    assert all(later[0] > earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+    assert all(later[0] > earlier[1] for earlier, later in itertools.pairwise(spans)), spans
 
 
 @pytest.mark.slow
