@@ -78,8 +78,10 @@ def _split(raw: dict[str, Any], name: str) -> Split:
     return Split(tuple(ShardFile(f["path"], int(f["rows"])) for f in files))
 
 
-def read_manifest(uri: str, key: str = "data.sources[*].path") -> Manifest:
-    """Read and check a source's manifest; errors name the folder and the config key."""
+def read_manifest(uri: str, key: str = "data.sources[*].path", for_training: bool = True) -> Manifest:
+    """Read and check a source's manifest; errors name the folder and the config key.
+
+    `for_training=False` (probes, `raycpt eval`): held-out rows are enough."""
     muri = storage.join(uri, MANIFEST_NAME)
     try:
         raw = storage.read_json(muri)
@@ -101,8 +103,13 @@ def read_manifest(uri: str, key: str = "data.sources[*].path") -> Manifest:
         eval=_split(raw, "eval"),
         raw=raw,
     )
-    if m.train.rows == 0:
-        raise DataError(f"{key}: {uri} has no training rows (empty source); add text or drop the source")
+    if for_training and m.train.rows == 0 and m.eval.rows > 0:
+        raise DataError(f"{key}: {uri} holds only held-out rows (an eval-only source, prepared with "
+                        "--eval-fraction 1), so there is nothing to train on; list it under eval.probes instead, "
+                        "or re-prepare it with --eval-fraction below 1")
+    if m.train.rows + (0 if for_training else m.eval.rows) == 0:
+        raise DataError(f"{key}: {uri} has no {'training ' if for_training else ''}rows (empty source); "
+                        "add text or drop the source")
     return m
 
 

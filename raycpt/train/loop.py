@@ -26,13 +26,12 @@ from raycpt.config import JobConfig, parse_job
 from raycpt.data.manifest import DataError, tokenizer_identity
 from raycpt.data.plan import remap_state_by_name
 from raycpt.data.verify import check_data_fits_model
-from raycpt.data.stream import (WaitTimer, build_plan, iter_local, iter_ray_data, make_spec, read_eval_rows,
-                                read_manifests)
+from raycpt.data.stream import WaitTimer, build_plan, iter_local, iter_ray_data, make_spec, read_manifests
 from raycpt.model.fsdp import build_sharded_model
 from raycpt.model.hf import load_config, load_tokenizer, param_count
 from raycpt.model.loss import use_chunked_loss
 from raycpt.model.lora import check_init_run, count_params, init_adapters, load_adapter, partial_training
-from raycpt.train.evaluate import eval_losses, forgetting
+from raycpt.train.evaluate import Evaluator, report_metrics
 from raycpt.train.logbook import MetricsLog
 from raycpt.train.metrics import device_peak_flops, eval_line, flops_per_token, progress_line
 from raycpt.train.optim import build_optimizer, set_lr
@@ -111,7 +110,8 @@ def run_worker(config: dict[str, Any]) -> None:
     model_config = load_config(job.model.base) if job.model.base else None
     if model_config is None:
         raise DataError("model.base: needed for the model architecture and tokenizer")
-    tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))
+    tokenizer = load_tokenizer(job.model.base)
+    tok_id = tokenizer_identity(tokenizer, os.path.basename(job.model.base))
     manifests = read_manifests(job)
     # The driver's preflight read every shard footer; here only the cheap manifest checks.
     check_data_fits_model(job, manifests, tok_id, model_config.vocab_size, read_footers=False)
@@ -152,12 +152,11 @@ def run_worker(config: dict[str, Any]) -> None:
             plan_state = remap_state_by_name(ts["data"], ts["source_names"], source_names).state_dict()
         else:
             plan_state = ts["data"]
-        eval_history: list[dict[str, Any]] = ts.get("eval_history", [])
         torch.set_rng_state(torch.tensor(ts["rng"]["torch"], dtype=torch.uint8))
         if ts["world_size"] != world:
             say(f"resume: {ts['world_size']} workers wrote this checkpoint, {world} load it (resharded)")
     else:
-        step, plan_state, eval_history = 0, None, []
+        step, plan_state = 0, None
         torch.manual_seed(job.run.seed)
 
     # ---- The stream of this worker's slices ---------------------------------------------------
@@ -173,9 +172,10 @@ def run_worker(config: dict[str, Any]) -> None:
         batches = iter_local(spec, step, job.train.max_steps)
     else:
         batches = iter_ray_data(spec, step, job.train.max_steps, job.data.prefetch_batches, job.data.reader_cpus)
-    eval_rows = {s.name: read_eval_rows(m, job.eval.max_rows) for s, m in zip(job.data.sources, manifests)}
-    if rank == 0 and not any(len(r) for r in eval_rows.values()):
-        say("eval: no held-out rows in any source (prepare with --eval-fraction); evaluation is off")
+    evaluator = Evaluator(job, manifests, tokenizer, rank, world, device)  # raycpt/train/evaluate.py
+    evaluator.load_state_dict({"history": decision.train_state.get("eval_history", [])
+                               if decision.kind == "resume" else []})
+    say(evaluator.summary())
 
     checkpointer = Checkpointer(job.run_uri, rank, job.checkpoint.keep_last, job.checkpoint.keep_every_steps,
                                 job.checkpoint.async_save, say, before_commit=_fault_hook(config))
@@ -197,26 +197,20 @@ def run_worker(config: dict[str, Any]) -> None:
             "format_version": TRAIN_STATE_VERSION, "step": step, "data": plan.state.state_dict(),
             "source_names": source_names, "tokens_per_source": plan.tokens_per_source(job.data.seq_len),
             "config": job.model_dump(mode="json"), "config_fingerprint": job.fingerprint(), "world_size": world,
-            "rng": {"torch": torch.get_rng_state().tolist()}, "eval_history": list(eval_history),
+            "rng": {"torch": torch.get_rng_state().tolist()}, "eval_history": evaluator.state_dict()["history"],
             "versions": {"torch": torch.__version__}, "wall_time": time.time(),
         }
 
     def evaluate() -> None:
-        losses = eval_losses(model, eval_rows, rank, world, micro, device)
-        if not losses:
+        record = evaluator.evaluate(model, step, final=step == job.train.max_steps)
+        if record is None:
             return
-        base = eval_history[0]["loss"] if eval_history else losses
-        replay = [s.name for s in job.data.sources if s.role == "replay"]
-        record = {"step": step, "loss": losses, "forgetting": {k: v for k, v in forgetting(losses, base).items()
-                                                                 if k in replay}}
-        eval_history.append(record)
-        say(eval_line(step, losses, base))
+        say(eval_line(record, evaluator.baseline))
         mlog.eval(record)
         if rank == 0:
-            storage.write_json(storage.join(job.run_uri, "metrics", "eval.json"), eval_history)
+            storage.write_json(storage.join(job.run_uri, "metrics", "eval.json"), evaluator.history)
         if ray_train is not None:  # `raycpt tune` scores trials on these (raycpt/tune/objective.py)
-            ray_train.report({"step": step, **{f"eval/loss/{k}": v for k, v in losses.items()},
-                              **{f"eval/forgetting/{k}": v for k, v in record["forgetting"].items()}})
+            ray_train.report({"step": step, **report_metrics(record)})
 
     def save(reason: str) -> float:
         stall = checkpointer.save(step, model, optimizer, {**train_state(), "reason": reason})
@@ -234,7 +228,7 @@ def run_worker(config: dict[str, Any]) -> None:
             _report_checkpoint(ray_train, job, done)
             reported_step[0] = done
 
-    if not eval_history:
+    if not evaluator.history:
         evaluate()
 
     # ---- The loop --------------------------------------------------------------------------------
