@@ -1,7 +1,8 @@
 """`raycpt plot RUN`: one PNG with the run's loss per domain and its LR over steps.
 
 Reads only the run's storage: <run>/metrics/train.jsonl (training loss and LR per report) and
-<run>/metrics/eval.json (held-out loss per domain at step 0 and every eval interval).
+<run>/metrics/eval.json (held-out loss per domain, probe losses and task accuracy at step 0 and
+every eval interval).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def plot_run(run_uri: str, output: str) -> str:
         ax_loss.plot([s for s, _ in pts], [v for _, v in pts], marker="o", lw=2,
                      ls="--" if role == "replay" else "-",
                      label=f"eval {name}" + (f" ({'old domain' if role == 'replay' else 'new domain'})" if role else ""))
+    draw_probes(ax_loss, evals)
     ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.set_title(f"{run_uri.rstrip('/').rsplit('/', 1)[-1]}: loss per domain")
     ax_loss.grid(alpha=0.3)
@@ -67,12 +69,36 @@ def plot_run(run_uri: str, output: str) -> str:
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    draw_tasks(ax_lr, evals)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     storage.write_bytes(output if "://" in output else _abs(output), buf.getvalue())
     return output
+
+
+def draw_probes(ax, evals: list[dict[str, Any]]) -> None:
+    """Probe losses (eval-only sets, never trained on) as dotted lines, labelled with their
+    relative rise since step 0."""
+    for name in (evals[-1].get("probe_loss", {}) if evals else {}):
+        pts = [(e["step"], e["probe_loss"][name]) for e in evals if name in e.get("probe_loss", {})]
+        rise = evals[-1].get("relative_forgetting", {}).get(name)
+        ax.plot([p for p, _ in pts], [v for _, v in pts], marker="s", lw=2, ls=":",
+                label=f"probe {name}" + (f" ({100 * rise:+.1f}% vs step 0)" if rise is not None else ""))
+
+
+def draw_tasks(ax, evals: list[dict[str, Any]]) -> None:
+    """Multiple-choice accuracy (acc_norm) per task on a right-hand axis."""
+    names = sorted({n for e in evals for n in e.get("tasks", {})})
+    if not names:
+        return
+    twin = ax.twinx()
+    for name in names:
+        pts = [(e["step"], e["tasks"][name]["acc_norm"]) for e in evals if name in e.get("tasks", {})]
+        twin.plot([p for p, _ in pts], [v for _, v in pts], marker="^", lw=1.5, label=f"task {name} acc_norm")
+    twin.set_ylabel("task accuracy")
+    twin.legend(loc="upper right", fontsize=7)
 
 
 def _abs(path: str) -> str:

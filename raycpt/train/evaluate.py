@@ -93,22 +93,30 @@ class Evaluator:
          "tasks": {task: {"acc", "acc_norm", "items", "chance"}}}     # when tasks were scored
     """
 
-    def __init__(self, job: JobConfig, manifests: list[Manifest], tokenizer: Any, rank: int, world: int,
-                 device: torch.device):
+    def __init__(self, sources: list[tuple[str, str, Manifest]], probes: list[tuple[str, Manifest]],
+                 tasks: list[tuple[str, list[Item]]], tokenizer: Any, *, max_rows: int, seq_len: int,
+                 batch_size: int, tasks_at: str, rank: int, world: int, device: torch.device):
+        """`sources`: (name, role, manifest); `probes`: (name, manifest); `tasks`: (name, items);
+        task requests are cut to `seq_len` tokens; `batch_size` sequences per forward pass."""
         self.rank, self.world, self.device = rank, world, device
-        self.batch_size = job.train.micro_batch_size
-        self.tasks_at = job.eval.tasks_at
-        self.roles = {s.name: s.role for s in job.data.sources}
-        self.source_rows = {s.name: read_eval_rows(m, job.eval.max_rows) for s, m in zip(job.data.sources, manifests)}
-        self.probe_rows = {
-            p.name: read_probe_rows(read_manifest(p.path, f"eval.probes[{i}].path", for_training=False),
-                                    job.eval.max_rows)
-            for i, p in enumerate(job.eval.probes)}
-        self.tasks: dict[str, tuple[list[Item], list[Request]]] = {}
-        for i, t in enumerate(job.eval.tasks):
-            items = read_items(t.path, f"eval.tasks[{i}].path", t.max_items)
-            self.tasks[t.name] = (items, encode(items, tokenizer, job.data.seq_len))
+        self.batch_size, self.tasks_at = batch_size, tasks_at
+        self.roles = {name: role for name, role, _ in sources}
+        self.source_rows = {name: read_eval_rows(m, max_rows) for name, _, m in sources}
+        self.probe_rows = {name: read_probe_rows(m, max_rows) for name, m in probes}
+        self.tasks: dict[str, tuple[list[Item], list[Request]]] = {
+            name: (items, encode(items, tokenizer, seq_len)) for name, items in tasks}
         self.history: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_job(cls, job: JobConfig, manifests: list[Manifest], tokenizer: Any, rank: int, world: int,
+                 device: torch.device) -> "Evaluator":
+        """The job's sources (their held-out rows), `eval.probes` and `eval.tasks`."""
+        probes = [(p.name, read_manifest(p.path, f"eval.probes[{i}].path", for_training=False))
+                  for i, p in enumerate(job.eval.probes)]
+        tasks = [(t.name, read_items(t.path, f"eval.tasks[{i}].path", t.max_items)) for i, t in enumerate(job.eval.tasks)]
+        return cls([(s.name, s.role, m) for s, m in zip(job.data.sources, manifests)], probes, tasks, tokenizer,
+                   max_rows=job.eval.max_rows, seq_len=job.data.seq_len, batch_size=job.train.micro_batch_size,
+                   tasks_at=job.eval.tasks_at, rank=rank, world=world, device=device)
 
     # -- state (kept in the train state, so a resumed run still compares with its step 0)
     def state_dict(self) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def run_worker(config: dict[str, Any]) -> None:
         batches = iter_local(spec, step, job.train.max_steps)
     else:
         batches = iter_ray_data(spec, step, job.train.max_steps, job.data.prefetch_batches, job.data.reader_cpus)
-    evaluator = Evaluator(job, manifests, tokenizer, rank, world, device)  # raycpt/train/evaluate.py
+    evaluator = Evaluator.from_job(job, manifests, tokenizer, rank, world, device)  # raycpt/train/evaluate.py
     evaluator.load_state_dict({"history": decision.train_state.get("eval_history", [])
                                if decision.kind == "resume" else []})
     say(evaluator.summary())
