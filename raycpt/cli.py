@@ -76,6 +76,13 @@ def _cmd_plot(a: argparse.Namespace) -> int:
         storage.configure_storage(job.run.s3_endpoint_url)
         target = job.run_uri
     output = a.output or target.rstrip("/").rsplit("/", 1)[-1] + ".png"
+    from raycpt.tune.results import is_sweep
+
+    if is_sweep(target):  # a sweep folder: its Pareto front (raycpt/plot.py plot_sweep)
+        from raycpt.plot import plot_sweep
+
+        print(plot_sweep(target, output))
+        return 0
     print(plot_run(target, output))
     return 0
 
@@ -211,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_status)
 
-    s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps")
-    s.add_argument("target", help="run folder URI or job YAML")
+    s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps; of a sweep, its "
+                                    "Pareto front of new-domain loss vs forgetting")
+    s.add_argument("target", help="run folder URI, job YAML, or sweep folder URI")
     s.add_argument("overrides", nargs="*")
     s.add_argument("--output", default=None, help="PNG path or URI (default: ./<run name>.png)")
     s.set_defaults(fn=_cmd_plot)
