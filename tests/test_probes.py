@@ -62,7 +62,7 @@ def test_eval_only_source_is_a_probe_and_never_a_training_source(probe_source, t
 
     tree = tiny_job_tree(str(tmp_path), tiny_model, prepared_sources)
     tree["data"]["sources"][1]["path"] = probe_source
-    with pytest.raises(DataError, match=r"data.sources\[1\].path: .* holds only held-out rows .* eval.probes"):
+    with pytest.raises(DataError, match=r"data.sources\[1\].path: .* no training rows, it holds only held-out rows .* eval.probes"):
         preflight(parse_job(tree))
 
     clash = _probed_tree(str(tmp_path), tiny_model, prepared_sources, prepared_sources["english"])

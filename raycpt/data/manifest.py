@@ -104,9 +104,9 @@ def read_manifest(uri: str, key: str = "data.sources[*].path", for_training: boo
         raw=raw,
     )
     if for_training and m.train.rows == 0 and m.eval.rows > 0:
-        raise DataError(f"{key}: {uri} holds only held-out rows (an eval-only source, prepared with "
-                        "--eval-fraction 1), so there is nothing to train on; list it under eval.probes instead, "
-                        "or re-prepare it with --eval-fraction below 1")
+        raise DataError(f"{key}: {uri} has no training rows, it holds only held-out rows (an eval-only source, "
+                        "prepared with --eval-fraction 1); list it under eval.probes instead, or re-prepare it "
+                        "with --eval-fraction below 1")
     if m.train.rows + (0 if for_training else m.eval.rows) == 0:
         raise DataError(f"{key}: {uri} has no {'training ' if for_training else ''}rows (empty source); "
                         "add text or drop the source")
