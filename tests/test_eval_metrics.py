@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from raycpt.train.evaluate import eval_losses, forgetting, perplexity
+
+CLOZE = Path(__file__).resolve().parents[1] / "jobs" / "tasks" / "pydoc-cloze.jsonl"
 
 
 def small_llama(vocab: int = 100):
@@ -126,17 +129,57 @@ def test_task_file_errors_name_key_file_and_line(tmp_path):
 
 def test_shipped_cloze_task_is_valid_and_rebuilds_the_same():
     import json
-    from pathlib import Path
 
     import pydoc_data.topics
 
     from raycpt.evals.cloze import build_items
     from raycpt.evals.tasks import read_items
 
-    path = Path(__file__).resolve().parents[1] / "jobs" / "tasks" / "pydoc-cloze.jsonl"
+    path = CLOZE
     items = read_items(str(path), "jobs/tasks/pydoc-cloze.jsonl")
     assert len(items) == 200 and all(len(it.choices) == 4 for it in items)
     golds = [it.gold for it in items]
     assert min(golds.count(g) for g in range(4)) > 30  # the right answer is not always in one place
     rebuilt = build_items(dict(pydoc_data.topics.topics), 200)
     assert [json.dumps(r) for r in rebuilt] == path.read_text().splitlines()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Evaluator (raycpt/train/evaluate.py), one process, a tiny model
+
+
+def test_evaluator_records_forgetting_against_step_0_and_keeps_its_history(tiny_model, prepared_sources):
+    from raycpt.data.manifest import read_manifest
+    from raycpt.evals.tasks import read_items
+    from raycpt.train.evaluate import Evaluator, read_probe_rows, report_metrics
+
+    model, tok = _tiny(tiny_model)
+    code, english = (read_manifest(prepared_sources[k]) for k in ("code", "english"))
+    # A training source can serve as a probe: held-out rows first, then training rows fill up.
+    rows = read_probe_rows(english, english.eval.rows + 3)
+    assert len(rows) == english.eval.rows + 3
+    assert (rows[:english.eval.rows] == read_probe_rows(english, english.eval.rows)).all()
+    cloze = str(CLOZE)
+    ev = Evaluator([("code", "new", code)], [("prose", english)], [("cloze", read_items(cloze, "k", 4))], tok,
+                   max_rows=3, seq_len=64, batch_size=2, tasks_at="start_and_end", rank=0, world=1,
+                   device=torch.device("cpu"))
+    first = ev.evaluate(model, 0)
+    assert first["probe_forgetting"] == {"prose": 0.0} and first["tasks"]["cloze"]["items"] == 4
+    with torch.no_grad():
+        model.model.norm.weight.mul_(3.0)  # a different model: the losses move
+    mid = ev.evaluate(model, 2)
+    assert "tasks" not in mid  # start_and_end: not at an intermediate evaluation
+    rise = mid["probe_loss"]["prose"] - first["probe_loss"]["prose"]
+    assert rise != 0 and mid["probe_forgetting"]["prose"] == pytest.approx(rise)
+    assert mid["relative_forgetting"]["prose"] == pytest.approx(rise / first["probe_loss"]["prose"])
+    assert mid["forgetting"] == {}  # the new domain is adaptation, not forgetting
+    last = ev.evaluate(model, 4, final=True)
+    assert "cloze" in last["tasks"]
+    flat = report_metrics(last)
+    assert flat["eval/probe_loss/prose"] == last["probe_loss"]["prose"] and "eval/task_acc_norm/cloze" in flat
+    # The history is the train state's eval_history; a restored evaluator still compares with step 0.
+    again = Evaluator([("code", "new", code)], [("prose", english)], [], tok, max_rows=3, seq_len=64,
+                      batch_size=2, tasks_at="every_eval", rank=0, world=1, device=torch.device("cpu"))
+    again.load_state_dict(ev.state_dict())
+    assert again.baseline == first and [r["step"] for r in again.history] == [0, 2, 4]
+    assert again.evaluate(model, 6)["probe_forgetting"]["prose"] == pytest.approx(rise, abs=1e-5)
