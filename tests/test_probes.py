@@ -153,3 +153,33 @@ def test_raycpt_eval_on_the_run_and_on_the_base_hf_folder(probed_run, tiny_model
 
     assert main(["eval", tiny_model]) == 2  # an HF folder has no eval sets of its own
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_scores_trials_on_the_probe_within_a_forgetting_budget(tmp_path, tiny_model, prepared_sources,
+                                                                     probe_source):
+    """One trial of a real sweep: Tune receives the objective of the budget form, computed from
+    the probe and the replay source, at every evaluation."""
+    from raycpt.tune.config import parse_sweep
+    from raycpt.tune.sweep import run_sweep
+
+    tree = _probed_tree(str(tmp_path / "runs"), tiny_model, prepared_sources, probe_source,
+                        checkpoint={"interval_steps": 4, "keep_last": 1})
+    tree["eval"]["tasks"] = []
+    tree["tune"] = {"name": "budget-sweep", "space": {"optim.peak_lr": {"loguniform": [1e-5, 1e-4]}},
+                    "num_samples": 1, "evaluate_job_config": False, "max_concurrent_trials": 1,
+                    "scheduler": {"kind": "fifo"},
+                    "objective": {"forgetting_budget": 0.5, "relative": True, "over": ["probes", "replay"]}}
+    job, tune = parse_sweep(tree, tmp_path)
+    out = run_sweep(job, tune, loop_options={"local_stream": True})
+    assert out["errors"] == 0 and len(out["trials"]) == 1
+    for t in out["trials"]:
+        assert set(t["forgetting_by"]) == {"english", "topics"} and t["within_budget"] is True
+        assert t["objective"] == pytest.approx(t["new_loss"])
+        results = [json.loads(line) for line in
+                   (tmp_path / "runs" / "budget-sweep" / f"tune-{t['trial_id']}" / "result.json").read_text().splitlines()]
+        assert [r["step"] for r in results] == [0, 2, 4]  # one Tune result per evaluation
+        assert all(r["within_budget"] == 1.0 and "forgetting/topics" in r for r in results)
+        assert results[-1]["forgetting/topics"] == pytest.approx(t["forgetting_by"]["topics"], abs=1e-6)
+    assert out["best_trial"] is not None
+    assert storage.exists(storage.join(out["uri"], "best.yaml"))
