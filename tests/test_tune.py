@@ -395,3 +395,26 @@ def test_every_shipped_sweep_yaml_loads():
     for path in sorted((P(__file__).resolve().parents[1] / "jobs").glob("sweep*.yaml")):
         job, tune = load_sweep(path)
         assert tune.space and job.run.name, path
+
+
+def test_recipe_keys_beyond_lr_and_replay_are_searchable(tmp_path):
+    from raycpt.tune.config import trial_tree
+    from raycpt.tune.results import default_values
+
+    tree = _tree(tmp_path, space={
+        "optim.peak_lr": {"loguniform": [1e-5, 1e-2]},
+        "optim.embedding_lr_ratio": {"choice": [0.1, 1.0]},
+        "model.lora": {"choice": [None, {"rank": 16, "alpha": 32}]},
+        "model.freeze_layers": {"grid": [0, 1]},
+        "optim.schedule": {"choice": ["cosine", "wsd"]},
+        "optim.min_lr_ratio": {"uniform": [0.0, 0.2]}})
+    job, tune = parse_sweep(tree, tmp_path)
+    values = {"optim.peak_lr": 2e-3, "optim.embedding_lr_ratio": 0.1, "model.lora": {"rank": 16, "alpha": 32},
+              "model.freeze_layers": 1, "optim.schedule": "wsd", "optim.min_lr_ratio": 0.1}
+    trial = parse_job(trial_tree(job.model_dump(mode="json"), tune, values, "t", str(tmp_path)))
+    assert trial.model.lora.rank == 16 and trial.model.freeze_layers == 1 and trial.optim.schedule == "wsd"
+    assert trial.optim.min_lr == pytest.approx(2e-4)  # 10% of the trial's own peak
+    assert parse_job(trial.model_dump(mode="json")).optim.min_lr == pytest.approx(2e-4)  # stable on re-parse
+    assert default_values(job, list(tune.space))["model.lora"] is None  # the baseline trial: LoRA off
+    with pytest.raises(ConfigError, match=r"tune.space.model.lora: value .* makes an invalid job: model.lora.rank"):
+        parse_sweep(_tree(tmp_path, space={"model.lora": {"choice": [None, {"rank": 0}]}}), tmp_path)
