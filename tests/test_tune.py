@@ -316,6 +316,10 @@ def test_budget_objective_ranks_every_trial_within_the_budget_first():
               "eval/probe_loss/wiki": 3.06, "eval/probe_forgetting/wiki": 0.06}
     assert score_report(report, ROLES_P, cfg).as_metrics() == pytest.approx(within.as_metrics())
     assert within.as_metrics()["within_budget"] == 1.0 and "forgetting/wiki" in within.as_metrics()
+    with pytest.raises(ConfigError, match=r"tune.objective.over: \['probes'\] names no set this job evaluates"):
+        parse_sweep({**_tree(Path("/tmp")), "tune": {"space": {"optim.peak_lr": {"choice": [1e-3]}},
+                                                     "objective": {"forgetting_budget": 0.1, "over": ["probes"]}}},
+                    "/tmp")
     with pytest.raises(ConfigError, match="forgetting_budget"):
         parse_sweep({**_tree(Path("/tmp")), "tune": {"space": {"optim.peak_lr": {"choice": [1e-3]}},
                                                      "objective": {"kind": "budget"}}}, "/tmp")
