@@ -90,7 +90,7 @@ def _cmd_import(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from raycpt.checkpoint.export import export_hf
 
-    print(export_hf(a.run, a.output, base=a.base, adapter_dir=a.adapter))
+    print(export_hf(a.run, a.output, base=a.base, adapter_dir=a.adapter, dtype=a.dtype))
     return 0
 
 
@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", default=None, help="HF folder for config/tokenizer (default: the run's model.base)")
     s.add_argument("--adapter", default=None, metavar="DIR",
                    help="LoRA runs: also write the adapter as a PEFT folder (model.init.adapter can continue it)")
+    s.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="weights' dtype (default auto: the base model's config dtype); the written folder's "
+                        "logits are checked against the checkpoint's within this dtype's rounding")
     s.set_defaults(fn=_cmd_export)
 
     s = sub.add_parser("schedule", help="print the LR curve of a job before launching it")
