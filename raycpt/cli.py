@@ -9,6 +9,9 @@ import sys
 
 from raycpt.errors import RaycptError
 
+VERBOSE_HELP = ("show Ray's own log lines (per-report, placement-group, core-worker lines) on the terminal; "
+                "by default they go to the run's logs/driver.log or the Ray session's logs folder")
+
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
     from raycpt.data.prepare import PrepareOptions, prepare
@@ -291,11 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default=os.environ.get("RAYCPT_DEMO_DIR", ".raycpt-demo"))
     s.add_argument("overrides", nargs="*", help="dotted overrides of jobs/demo.yaml")
     s.set_defaults(fn=_cmd_demo)
+    # `raycpt --verbose train ...` or `raycpt train ... --verbose`: Ray's own lines on the terminal.
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from raycpt.logs import set_verbose
+
+    set_verbose(args.verbose)
     try:
         return args.fn(args)
     except RaycptError as e:

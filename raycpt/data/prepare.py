@@ -247,7 +247,8 @@ def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
     items = [{"group": i, "files": json.dumps(g)} for i, g in enumerate(groups)]
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        GroupPacker, fn_constructor_args=(opts,), batch_size=1, concurrency=(1, min(cpus, len(items))),
+        GroupPacker, fn_constructor_args=(opts,), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(cpus, len(items))),
         num_cpus=1,
     )
     rows = sorted(ds.take_all(), key=lambda r: (int(r["group"]), str(r["split"])))

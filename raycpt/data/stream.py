@@ -201,7 +201,8 @@ def iter_ray_data(spec: StreamSpec, start_step: int, end_step: int, prefetch_bat
             # The step-number tasks ask for a reader's share of a CPU, not a whole one: training
             # workers may hold every whole CPU of their nodes.
             lambda b, o=first: {"id": b["id"] + o}, batch_size=None, zero_copy_batch=True, num_cpus=reader_cpus,
-        ).map_batches(BatchReader, fn_constructor_args=(part_spec,), batch_size=_STEPS_PER_BLOCK, concurrency=1,
+        ).map_batches(BatchReader, fn_constructor_args=(part_spec,), batch_size=_STEPS_PER_BLOCK,
+                      compute=ray.data.ActorPoolStrategy(size=1),
                       num_cpus=reader_cpus, batch_format="numpy")
         for batch in ds.iter_batches(batch_size=1, prefetch_batches=prefetch_batches, batch_format="numpy"):
             yield int(batch["step"][0]), batch["input_ids"][0], batch["sample_ids"][0]
