@@ -70,6 +70,9 @@ def _cmd_tune(a: argparse.Namespace) -> int:
 def _cmd_plot(a: argparse.Namespace) -> int:
     from raycpt.plot import plot_run
 
+    more_runs = [o for o in a.overrides if "=" not in o]  # `raycpt plot RUN1 RUN2 ...`
+    if more_runs:
+        return _plot_compare([a.target, *more_runs], [o for o in a.overrides if "=" in o], a.output)
     target = a.target
     if target.endswith((".yaml", ".yml")) and os.path.exists(target):
         from raycpt import storage
@@ -80,6 +83,22 @@ def _cmd_plot(a: argparse.Namespace) -> int:
         target = job.run_uri
     output = a.output or target.rstrip("/").rsplit("/", 1)[-1] + ".png"
     print(plot_run(target, output))
+    return 0
+
+
+def _plot_compare(targets: list[str], overrides: list[str], output: str | None) -> int:
+    from raycpt import storage
+    from raycpt.config import load_job
+    from raycpt.plot import plot_runs, run_label
+
+    runs = []
+    for target in targets:
+        if target.endswith((".yaml", ".yml")) and os.path.exists(target):
+            job = load_job(target, overrides)
+            storage.configure_storage(job.run.s3_endpoint_url)
+            target = job.run_uri
+        runs.append(target)
+    print(plot_runs(runs, output or "-vs-".join(run_label(r) for r in runs)[:150] + ".png"))
     return 0
 
 
@@ -210,8 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps")
     s.add_argument("target", help="run folder URI or job YAML")
-    s.add_argument("overrides", nargs="*")
-    s.add_argument("--output", default=None, help="PNG path or URI (default: ./<run name>.png)")
+    s.add_argument("overrides", nargs="*", metavar="RUN|KEY=VALUE",
+                   help="more runs to overlay on the first (one panel per series, one colour per run), "
+                        "and dotted overrides of job YAML targets")
+    s.add_argument("--output", default=None, help="PNG path or URI (default: ./<run name>.png, "
+                                                  "./<run1>-vs-<run2>.png for several runs)")
     s.set_defaults(fn=_cmd_plot)
 
     s = sub.add_parser("import", help="GGUF file -> HF folder usable as model.base")
