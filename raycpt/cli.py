@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", required=True, help="HF folder with the base model's tokenizer")
     s.add_argument("--seq-len", type=int, required=True, help="tokens per packed row")
     s.add_argument("--output", required=True, help="output folder or s3:// prefix")
-    s.add_argument("--text-column", default="text", help="text field of jsonl / Parquet / HF `datasets` save_to_disk inputs")
+    s.add_argument("--text-column", default="text",
+                   help="text field of jsonl / Parquet / HF `datasets` save_to_disk inputs")
     s.add_argument("--eval-fraction", type=float, default=0.0, help="share of documents held out for eval")
     s.add_argument("--group-mb", type=float, default=8.0, help="input MB per prepare task")
     s.add_argument("--rows-per-row-group", type=int, default=64, help="Parquet row-group size in rows")

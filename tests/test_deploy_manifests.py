@@ -232,7 +232,8 @@ def test_kuberay_admission_rules(item):
             legacy = "onSuccess" in strategy or "onFailure" in strategy
             assert bool(rules) != legacy, "deletionStrategy: deletionRules, or both onSuccess and onFailure"
             if rules:
-                assert not s.get("shutdownAfterJobFinishes"), "shutdownAfterJobFinishes and deletionRules exclude each other"
+                assert not s.get("shutdownAfterJobFinishes"), \
+                    "shutdownAfterJobFinishes and deletionRules exclude each other"
                 autoscaling = s.get("rayClusterSpec", {}).get("enableInTreeAutoscaling", False)
                 seen = set()
                 for r in rules:

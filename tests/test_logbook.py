@@ -66,33 +66,49 @@ def _wandb_history(run_folder) -> list[dict]:
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(data)
         if rec.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in rec.history.item})
     return rows
 
 
-def test_wandb_offline_run_holds_the_metrics_and_a_resume_continues_it(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    run = str(tmp_path / "run")
-    target = {"project": "raycpt-test", "entity": None, "mode": "offline"}
-    first = MetricsLog(run, "wb", 0, rank=0, tensorboard=False, wandb=target, params={"peak_lr": 1e-4})
-    for step in (1, 2):
-        first.train(report(step, 10.0 - step))
-    first.eval({"step": 2, "loss": {"new": 2.0, "old": 3.0}, "forgetting": {"old": 0.1}})
-    first.close()
-    run_id = json.loads((tmp_path / "run" / "metrics" / "wandb.json").read_text())["run_id"]
-    second = MetricsLog(run, "wb", 2, rank=0, tensorboard=False, wandb=target)
-    second.train(report(3, 6.5))
-    second.close()
+_ATTEMPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_logbook import report
+from raycpt.train.logbook import MetricsLog
+run, start, steps = sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+log = MetricsLog(run, "wb", start, rank=0, tensorboard=False, params={"peak_lr": 1e-4},
+                 wandb={"project": "raycpt-test", "entity": None, "mode": "offline"})
+for step in steps:
+    log.train(report(step, 10.0 - step))
+if start == 0:
+    log.eval({"step": 2, "loss": {"new": 2.0, "old": 3.0}, "forgetting": {"old": 0.1}})
+log.close()
+"""
 
+
+def test_wandb_offline_run_holds_the_metrics_and_a_resume_continues_it(tmp_path):
+    pytest.importorskip("wandb")
+    import os
+    import subprocess
+    import sys
+
+    # Each attempt in its own process, as each Ray Train attempt's rank 0 is.
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    run = str(tmp_path / "run")
+    for start, steps in ((0, [1, 2]), (2, [3])):
+        subprocess.run([sys.executable, "-c", _ATTEMPT, os.path.dirname(__file__), run, str(start), json.dumps(steps)],
+                       env=env, check=True, timeout=120)
+    run_id = json.loads((tmp_path / "run" / "metrics" / "wandb.json").read_text())["run_id"]
+    # One offline folder per attempt, both of the same W&B run; together every step once (wandb
+    # merges what is logged at one step, train and eval, into one row).
     folders = sorted((tmp_path / "run" / "metrics" / "wandb" / "wandb").glob("offline-run-*"))
-    assert len(folders) == 2 and all(f.name.endswith(run_id) for f in folders)  # one W&B run, two attempts
-    rows = _wandb_history(folders[0])
-    by_step = {r["_step"]: r for r in rows}
-    assert by_step[1]["train/loss"] == 9.0 and by_step[2]["train/lr"] == 1e-4
-    assert by_step[2]["eval/old/forgetting"] == 0.1 and by_step[2]["tokens/new"] == 128
-    assert _wandb_history(folders[1])[-1]["train/loss"] == 6.5
+    assert len(folders) == 2 and all(list(f.glob(f"run-{run_id}.wandb")) for f in folders), folders
+    first, second = sorted((_wandb_history(f) for f in folders), key=lambda rows: rows[0]["_step"] if rows else -1)
+    assert [r["_step"] for r in first] == [1, 2] and [r["_step"] for r in second] == [3]
+    assert first[0]["train/loss"] == 9.0 and first[1]["train/lr"] == 1e-4 and first[1]["tokens/new"] == 128
+    assert first[1]["eval/old/forgetting"] == 0.1 and first[1]["eval/new/loss"] == 2.0
+    assert second[0]["train/loss"] == 7.0
 
 
 def test_wandb_project_without_wandb_installed_names_the_key_and_the_pip_command(tmp_path, monkeypatch):

@@ -48,7 +48,8 @@ def test_a_save_to_disk_folder_prepares_like_the_same_texts_in_jsonl(tmp_path, t
 
     # A DatasetDict folder: every split, in dataset_dict.json's order.
     both = tmp_path / "hf-dict"
-    datasets.DatasetDict({"train": ds.select(range(30)), "validation": ds.select(range(30, 40))}).save_to_disk(str(both))
+    splits = {"train": ds.select(range(30)), "validation": ds.select(range(30, 40))}
+    datasets.DatasetDict(splits).save_to_disk(str(both))
     files = [u for u, _ in expand_inputs([str(both)])]
     assert [u.split("/")[-2] for u in files] == ["train", "validation"]
 
@@ -56,10 +57,9 @@ def test_a_save_to_disk_folder_prepares_like_the_same_texts_in_jsonl(tmp_path, t
 def test_a_missing_text_column_is_refused_listing_the_columns(tmp_path, tokenizer_dir):
     saved = tmp_path / "hf"
     datasets.Dataset.from_dict({"id": [1, 2], "content": ["a b c", "d e f"]}).save_to_disk(str(saved))
+    opts = dict(inputs=(str(saved),), tokenizer_dir=tokenizer_dir, seq_len=8, output=str(tmp_path / "o"))
     with pytest.raises(DataError, match=r"no column 'text'; its columns are \['id', 'content'\]; pass --text-column"):
-        prepare(PrepareOptions(inputs=(str(saved),), tokenizer_dir=tokenizer_dir, seq_len=8, output=str(tmp_path / "o")),
-                log=lambda m: None)
+        prepare(PrepareOptions(**opts), log=lambda m: None)
     with pytest.raises(DataError, match=r"column 'id' holds int64, not text"):
-        prepare(PrepareOptions(inputs=(str(saved),), tokenizer_dir=tokenizer_dir, seq_len=8, output=str(tmp_path / "o"),
-                               text_column="id"), log=lambda m: None)
+        prepare(PrepareOptions(**opts, text_column="id"), log=lambda m: None)
     assert not (tmp_path / "o").exists()  # refused before anything is written

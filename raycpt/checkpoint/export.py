@@ -29,9 +29,10 @@ class ExportError(RaycptError, RuntimeError):
 
 
 # Relative L2 error of the exported folder's logits against the float32 checkpoint's, per dtype.
-# bf16 keeps 8 mantissa bits (~0.4% per rounding) and fp16 11; the rounding of the weights and of
-# every activation compounds over the layers to ~1% (fp16) / ~3% (bf16) on a 30-layer 135M model.
-# A wrong tensor (missed merge, transposed or untied weight) is off by far more (~100%).
+# bf16 keeps 8 mantissa bits and fp16 11; the rounding of the weights and of every activation
+# compounds over the layers: measured on SmolLM2-135M (30 layers, 32 random tokens) 1.6% for bf16
+# and 0.11% for fp16, so the bounds leave 5x / 27x room for deeper models. A wrong tensor (missed
+# merge, transposed or untied weight) is off by far more (~100%).
 EXPORT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOGITS_RTOL = {torch.float32: 1e-5, torch.float16: 3e-2, torch.bfloat16: 8e-2}
 _CHECK_TOKENS = 32

@@ -12,7 +12,9 @@ when the run lives on s3://, because object stores cannot append; a local run wr
 A resumed run first drops the records after its checkpoint's step (they are trained again), and
 its TensorBoard writer purges them too (`purge_step`), so every curve shows each step once.
 MLflow and W&B runs are continued by id (kept in <run>/metrics/); W&B ignores a step lower than
-one it already holds, so there the records of the re-trained steps are the dead attempt's.
+one it already holds, so there the records of the re-trained steps are the dead attempt's. Each
+attempt is its own worker process (a second wandb.init of one id in one process was seen to drop
+the resumed attempt's rows in offline mode, wandb 0.31).
 """
 
 from __future__ import annotations
