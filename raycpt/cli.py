@@ -9,6 +9,9 @@ import sys
 
 from raycpt.errors import RaycptError
 
+VERBOSE_HELP = ("show Ray's own log lines (per-report, placement-group, core-worker lines) on the terminal; "
+                "by default they go to the run's logs/driver.log or the Ray session's logs folder")
+
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
     from raycpt.data.prepare import PrepareOptions, prepare
@@ -67,6 +70,9 @@ def _cmd_tune(a: argparse.Namespace) -> int:
 def _cmd_plot(a: argparse.Namespace) -> int:
     from raycpt.plot import plot_run
 
+    more_runs = [o for o in a.overrides if "=" not in o]  # `raycpt plot RUN1 RUN2 ...`
+    if more_runs:
+        return _plot_compare([a.target, *more_runs], [o for o in a.overrides if "=" in o], a.output)
     target = a.target
     if target.endswith((".yaml", ".yml")) and os.path.exists(target):
         from raycpt import storage
@@ -93,6 +99,22 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return eval_command(a)
 
 
+def _plot_compare(targets: list[str], overrides: list[str], output: str | None) -> int:
+    from raycpt import storage
+    from raycpt.config import load_job
+    from raycpt.plot import plot_runs, run_label
+
+    runs = []
+    for target in targets:
+        if target.endswith((".yaml", ".yml")) and os.path.exists(target):
+            job = load_job(target, overrides)
+            storage.configure_storage(job.run.s3_endpoint_url)
+            target = job.run_uri
+        runs.append(target)
+    print(plot_runs(runs, output or "-vs-".join(run_label(r) for r in runs)[:150] + ".png"))
+    return 0
+
+
 def _cmd_import(a: argparse.Namespace) -> int:
     from raycpt.model.hf import import_gguf
 
@@ -103,7 +125,7 @@ def _cmd_import(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from raycpt.checkpoint.export import export_hf
 
-    print(export_hf(a.run, a.output, base=a.base, adapter_dir=a.adapter))
+    print(export_hf(a.run, a.output, base=a.base, adapter_dir=a.adapter, dtype=a.dtype))
     return 0
 
 
@@ -187,11 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("prepare", help="text -> packed Parquet token shards + manifest (Ray Data)")
-    s.add_argument("--input", nargs="+", required=True, help="files, folders or globs; local or s3://")
+    s.add_argument("--input", nargs="+", required=True,
+                   help="files, folders (incl. HF `datasets` save_to_disk folders) or globs; local or s3://")
     s.add_argument("--tokenizer", required=True, help="HF folder with the base model's tokenizer")
     s.add_argument("--seq-len", type=int, required=True, help="tokens per packed row")
     s.add_argument("--output", required=True, help="output folder or s3:// prefix")
-    s.add_argument("--text-column", default="text", help="text field of jsonl / Parquet inputs")
+    s.add_argument("--text-column", default="text",
+                   help="text field of jsonl / Parquet / HF `datasets` save_to_disk inputs")
     s.add_argument("--eval-fraction", type=float, default=0.0, help="share of documents held out for eval (1: an eval-only source for eval.probes)")
     s.add_argument("--group-mb", type=float, default=8.0, help="input MB per prepare task")
     s.add_argument("--rows-per-row-group", type=int, default=64, help="Parquet row-group size in rows")
@@ -218,11 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_status)
 
-    s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps; of a sweep, its "
-                                    "Pareto front of new-domain loss vs forgetting")
+    s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps; several runs "
+                                    "overlaid; of a sweep, its Pareto front of new-domain loss vs forgetting")
     s.add_argument("target", help="run folder URI, job YAML, or sweep folder URI")
-    s.add_argument("overrides", nargs="*")
-    s.add_argument("--output", default=None, help="PNG path or URI (default: ./<run name>.png)")
+    s.add_argument("overrides", nargs="*", metavar="RUN|KEY=VALUE",
+                   help="more runs to overlay on the first (one panel per series, one colour per run), "
+                        "and dotted overrides of job YAML targets")
+    s.add_argument("--output", default=None, help="PNG path or URI (default: ./<run name>.png, "
+                                                  "./<run1>-vs-<run2>.png for several runs)")
     s.set_defaults(fn=_cmd_plot)
 
     s = sub.add_parser("eval", help="held-out sets, probes and multiple-choice tasks on a run, checkpoint or HF folder")
@@ -250,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", default=None, help="HF folder for config/tokenizer (default: the run's model.base)")
     s.add_argument("--adapter", default=None, metavar="DIR",
                    help="LoRA runs: also write the adapter as a PEFT folder (model.init.adapter can continue it)")
+    s.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="weights' dtype (default auto: the base model's config dtype); the written folder's "
+                        "logits are checked against the checkpoint's within this dtype's rounding")
     s.set_defaults(fn=_cmd_export)
 
     s = sub.add_parser("schedule", help="print the LR curve of a job before launching it")
@@ -316,11 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default=os.environ.get("RAYCPT_DEMO_DIR", ".raycpt-demo"))
     s.add_argument("overrides", nargs="*", help="dotted overrides of jobs/demo.yaml")
     s.set_defaults(fn=_cmd_demo)
+    # `raycpt --verbose train ...` or `raycpt train ... --verbose`: Ray's own lines on the terminal.
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from raycpt.logs import set_verbose
+
+    set_verbose(args.verbose)
     try:
         return args.fn(args)
     except RaycptError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -267,6 +268,21 @@ class MetricsConfig(_Section):
         None, description="Also log to this MLflow tracking server (needs mlflow installed on the workers)."
     )
     mlflow_experiment: str | None = Field(None, description="MLflow experiment; None: the run name.")
+    wandb_project: str | None = Field(
+        None, description="Also log to this Weights & Biases project from rank 0 (needs wandb installed: "
+        "pip install 'raycpt[wandb]'); a resumed run continues the same W&B run."
+    )
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); None: the API key's default.")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="W&B mode; offline writes the run under <run>/metrics/wandb/ for `wandb sync`; "
+        "None: WANDB_MODE or online."
+    )
+
+    def wandb_init(self) -> dict[str, str | None] | None:
+        """The W&B target MetricsLog starts, or None when W&B is off."""
+        if not self.wandb_project:
+            return None
+        return {"project": self.wandb_project, "entity": self.wandb_entity, "mode": self.wandb_mode}
 
 
 class ResumeConfig(_Section):
@@ -318,6 +334,9 @@ class JobConfig(_Section):
                     problems.append(f"data.phases[{i}].weights.{name}: must be >= 0 (got {w})")
             if sum(p.weights.values()) <= 0:
                 problems.append(f"data.phases[{i}].weights: at least one weight must be > 0")
+        if self.metrics.wandb_project and importlib.util.find_spec("wandb") is None:
+            problems.append("metrics.wandb_project: set, but wandb is not installed; "
+                            "pip install 'raycpt[wandb]' (or pip install wandb), or unset the key")
         nw = self.scaling.num_workers
         lo, hi = (nw, nw) if isinstance(nw, int) else nw
         if lo < 1 or hi < lo:

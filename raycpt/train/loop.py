@@ -71,7 +71,8 @@ def run_worker(config: dict[str, Any]) -> None:
     use_chunked_loss(model, job.model.loss_chunk_tokens)
     mlog = MetricsLog(job.run_uri, job.run.name, step, w.rank, job.metrics.tensorboard, job.metrics.mlflow_tracking_uri,
                       job.metrics.mlflow_experiment, params={"peak_lr": job.optim.peak_lr,
-                                                             "replay_ratio": job.data.replay_ratio})
+                                                             "replay_ratio": job.data.replay_ratio},
+                      wandb=job.metrics.wandb_init())
     samples = SampleLog(job.run_uri, job.train.log_sample_ids, w.rank, w.world, fence if w.rank == 0 else None)
 
     def evaluate() -> None:
