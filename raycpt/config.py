@@ -95,7 +95,12 @@ class ModelConfig(_Section):
         "CPU runs always compute in float32.",
     )
     attn_implementation: str = Field("sdpa", description="HF attention kernel: sdpa or eager.")
-    compile: bool = Field(False, description="torch.compile each decoder block (GPU).")
+    compile: bool = Field(False, description="torch.compile on GPU: each decoder block under FSDP2, the whole "
+                          "decoder stack on one worker.")
+    shard_single_worker: bool = Field(
+        False, description="FSDP2 even on one worker (default: one worker trains the plain module, which "
+        "is faster); e.g. to check a sharded run's memory plan on one GPU."
+    )
     activation_checkpointing: bool = Field(
         False, description="Recompute each decoder block's activations in backward to save memory."
     )

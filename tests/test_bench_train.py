@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from raycpt.bench_train import TrainBenchOptions, format_report, resume_timeline, summarize_real
+from raycpt.bench.train import TrainBenchOptions, format_report, resume_timeline, summarize_real
 
 
 def test_bench_train_tiny_on_cpu_with_a_kill(tmp_path, ray_local, capsys):
@@ -18,7 +18,7 @@ def test_bench_train_tiny_on_cpu_with_a_kill(tmp_path, ray_local, capsys):
                "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "raycpt train (Ray+FSDP2)" in printed and "plain loop, eager" in printed
+    assert "raycpt train (Ray Train)" in printed and "plain loop, eager" in printed
     assert "resume after SIGKILL of rank 0 at step 2" in printed
     r = json.loads(out.read_text())
     real, plain = r["results"]["raycpt"], r["results"]["plain_eager"]
