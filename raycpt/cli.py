@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup-steps", type=int, default=10, help="first steps left out of the timing")
     b.add_argument("--workers", type=int, default=None, help="training workers (default: every GPU, or 1 CPU)")
     b.add_argument("--checkpoint-every", type=int, default=None,
-                   help="async checkpoint interval in steps (default: only the final save, untimed)")
+                   help="async checkpoint interval in steps (default: no saves)")
     b.add_argument("--baseline", nargs="+", choices=("compiled", "eager", "none"), default=["compiled", "eager"],
                    help="plain-loop baselines to run on one device in this process")
     b.add_argument("--baseline-micro-batch-size", type=int, default=None,

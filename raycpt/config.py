@@ -199,7 +199,12 @@ class ScalingConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    interval_steps: int = Field(gt=0, description="Steps between checkpoints (the last step always saves).")
+    interval_steps: int = Field(gt=0, description="Steps between checkpoints (the last step saves too, "
+                                "unless final_save is false).")
+    final_save: bool = Field(
+        True, description="Save at the last step. false: only interval saves, for throwaway runs (benchmarks: "
+        "tens of GB per save at 3B-8B); a resubmitted run then repeats the steps since its last save."
+    )
     keep_last: int = Field(2, gt=0, description="Committed checkpoints kept, newest first.")
     keep_every_steps: int | None = Field(
         None, gt=0, description="Also keep every checkpoint whose step is a multiple of this."

@@ -45,7 +45,7 @@ class TrainBenchOptions:
     warmup_steps: int = 10
     workers: int = 1
     use_gpu: bool = False
-    checkpoint_every: int | None = None  # None: only the final save (after the timed steps)
+    checkpoint_every: int | None = None  # None: no saves
     baselines: tuple[str, ...] = ("compiled", "eager")
     overrides: list[str] = field(default_factory=list)  # dotted job overrides, e.g. model.compile=false
     profile_steps: tuple[int, int] | None = None  # profile these steps [start, stop) of rank 0
@@ -121,8 +121,10 @@ def bench_job_tree(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dic
                   "max_steps": o.steps, "log_interval_steps": min(10, o.steps)},
         "optim": {"peak_lr": 1e-4, "warmup_steps": min(10, o.steps)},
         "scaling": {"num_workers": o.workers, "use_gpu": o.use_gpu},
-        # Past max_steps: only the final save, after the last timed step.
-        "checkpoint": {"interval_steps": o.checkpoint_every or o.kill_at_step or o.steps + 1, "keep_last": 1},
+        # Saves only where asked (--checkpoint-every, --kill-at-step): a bench's checkpoints are
+        # thrown away, and at 3B-8B a final save would write tens of GB after the timed steps.
+        "checkpoint": {"interval_steps": o.checkpoint_every or o.kill_at_step or o.steps + 1, "keep_last": 1,
+                       "final_save": False},
     }
     return apply_overrides(_merged(tree, SHAPE_RECIPES.get(o.shape, {})), list(o.overrides))
 

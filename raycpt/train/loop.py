@@ -324,7 +324,8 @@ def run_worker(config: dict[str, Any]) -> None:
             stop_now = _agree(stop.reason is not None, device) and step < job.train.max_steps
 
         # -- checkpoint
-        if step % job.checkpoint.interval_steps == 0 or step == job.train.max_steps or stop_now:
+        if (step % job.checkpoint.interval_steps == 0 or stop_now
+                or (step == job.train.max_steps and job.checkpoint.final_save)):
             if stop_now and stop.reason is None:
                 stop.set("another worker's stop request")
             reason = stop.reason or ("final" if step == job.train.max_steps else "interval")
