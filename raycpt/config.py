@@ -95,11 +95,13 @@ class ModelConfig(_Section):
         "CPU runs always compute in float32.",
     )
     attn_implementation: str = Field("sdpa", description="HF attention kernel: sdpa or eager.")
-    compile: bool = Field(False, description="torch.compile on GPU: each decoder block under FSDP2, the whole "
-                          "decoder stack on one worker.")
-    shard_single_worker: bool = Field(
-        False, description="FSDP2 even on one worker (default: one worker trains the plain module, which "
-        "is faster); e.g. to check a sharded run's memory plan on one GPU."
+    compile: bool = Field(False, description="torch.compile on GPU: each decoder block under FSDP2; on one "
+                          "worker's plain module the whole decoder stack, captured in CUDA graphs.")
+    single_worker: Literal["auto", "plain", "fsdp2"] = Field(
+        "auto", description="How one worker holds the model. plain: the module itself (fp32 weights, bf16 "
+        "autocast, no FSDP2 hooks or DTensors; with compile, CUDA graphs): for small, host-bound models. "
+        "fsdp2: as on many workers (bf16 parameters; faster where the GPU is the limit; a sharded run's "
+        "memory plan). auto: plain below 0.5B parameters, fsdp2 from there (docs/performance.md)."
     )
     activation_checkpointing: bool = Field(
         False, description="Recompute each decoder block's activations in backward to save memory."

@@ -4,22 +4,25 @@ Across several workers: one `fully_shard` per decoder block, then the root (embe
 head). On GPU, parameters compute in bf16 while the sharded fp32 master copy stays with the
 optimizer and gradients reduce in fp32.
 
-On one worker nothing is sharded, so FSDP2 would only add cost: per-block hooks, a copy-in, a
-1-rank all-gather and a copy-out of every weight in forward, the same for every gradient in
-backward, and DTensor dispatch in the optimizer. That is host time a small model cannot hide
-(at 135M the GPU sat idle 68% of a step). One worker therefore trains the plain module: fp32
-weights on the device, bf16 autocast around every forward, and, with `model.compile`, the whole
-decoder stack compiled as one graph (static shapes: one graph, not 30 block graphs and their
-launches). Parameter names are the same as under FSDP2 (`get_model_state_dict` strips the
-compile and checkpoint wrappers), so DCP checkpoints reshard between one and many workers both ways.
-`model.shard_single_worker` keeps FSDP2 on one worker (to check a sharded run's memory plan).
+On one worker nothing is sharded, so FSDP2 only adds work: per-block hooks, a copy-in, a 1-rank
+all-gather and a copy-out of every weight in forward, the same for every gradient in backward,
+and DTensor dispatch in the optimizer. A small model cannot hide that host time (at 135M the GPU
+sat idle 68% of a step). So a small model on one worker trains as the plain module
+(`model.single_worker: plain`): fp32 weights on the device, bf16 autocast around every forward
+with a bf16 residual stream (as under FSDP2's bf16 parameters), and, with `model.compile`, the
+whole decoder stack compiled as one graph and captured in CUDA graphs (static shapes): one
+replay instead of ~2,000 kernel launches a step. Parameter names are the same as under FSDP2
+(`get_model_state_dict` strips the compile and checkpoint wrappers), so DCP checkpoints reshard
+between one and many workers both ways. A large model is GPU-bound, and there FSDP2's bf16
+parameters, which keep every activation between the GEMMs in bf16, measured faster than
+autocast over fp32 weights; `auto` picks by size (docs/performance.md has the figures).
 
 On CPU (gloo) everything stays fp32.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -85,15 +88,34 @@ def autocast_forward(model: nn.Module, device: torch.device, dtype: torch.dtype)
     model.register_forward_hook(leave, with_kwargs=True, always_call=True)
 
 
+def bf16_residual_stream(model: nn.Module, dtype: torch.dtype) -> None:
+    """The input embeddings' output in `dtype`: the residual stream (and every elementwise kernel
+    on it) then stays in bf16, as it does under FSDP2's bf16 parameters, instead of being promoted
+    to fp32 by the fp32 embedding table."""
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.to(dtype))
+
+
 def local_model(model: nn.Module, compile_model: bool, activation_checkpointing: bool) -> nn.Module:
     """One worker's model, unwrapped: activation checkpointing per block, the decoder stack
-    compiled whole (in place: `nn.Module.compile` keeps the parameter names)."""
+    compiled whole (in place: `nn.Module.compile` keeps the parameter names) and captured in CUDA
+    graphs ("reduce-overhead"; the loss, clipping and optimizer stay outside)."""
     if activation_checkpointing:
         _checkpoint_blocks(model)
     if compile_model:
         _raise_recompile_limit(len(decoder_layers(model)))
-        model.base_model.compile(fullgraph=False)
+        model.base_model.compile(mode="reduce-overhead", fullgraph=False)
+        model.raycpt_cuda_graphs = True  # forward_backward keeps gradients out of the graphs' memory
     return model
+
+
+PLAIN_BELOW_PARAMS = 500_000_000  # `single_worker: auto`: host-bound below, GPU-bound above
+
+
+def shards(world_size: int, single_worker: Literal["auto", "plain", "fsdp2"], n_params: int) -> bool:
+    """Whether FSDP2 wraps the model: always on several workers; on one, by `model.single_worker`."""
+    if world_size > 1 or single_worker == "fsdp2":
+        return True
+    return single_worker == "auto" and n_params >= PLAIN_BELOW_PARAMS
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -105,15 +127,17 @@ def is_sharded(model: nn.Module) -> bool:
 
 def build_sharded_model(config, mesh: DeviceMesh, device: torch.device, *, param_dtype: torch.dtype | None,
                         attn_implementation: str, activation_checkpointing: bool, compile_blocks: bool,
-                        weights_from: str | None, prepare=None, shard: bool | None = None) -> nn.Module:
+                        weights_from: str | None, prepare=None,
+                        single_worker: Literal["auto", "plain", "fsdp2"] = "auto") -> nn.Module:
     """Meta-device build -> optional `prepare(model)` (freezing, LoRA) -> FSDP2 (or, on one
-    worker, the plain module) -> allocate -> weights from an HF folder (or leave them to a
-    checkpoint load). `shard`: None shards when the mesh has more than one rank."""
-    if shard is None:
-        shard = mesh.size() > 1
+    worker, maybe the plain module: `single_worker`, see `shards`) -> allocate -> weights from an
+    HF folder (or leave them to a checkpoint load)."""
+    from raycpt.model.hf import param_count
+
     model = build_on_meta(config, attn_implementation)
     if prepare is not None:
         model = prepare(model)
+    shard = shards(mesh.size(), single_worker, param_count(model))
     if shard:
         shard_model(model, mesh, param_dtype, activation_checkpointing, compile_blocks)
     else:
@@ -127,6 +151,7 @@ def build_sharded_model(config, mesh: DeviceMesh, device: torch.device, *, param
             head.weight = emb.weight
     if not shard and param_dtype is not None and param_dtype != torch.float32:
         autocast_forward(model, device, param_dtype)
+        bf16_residual_stream(model, param_dtype)
     if weights_from:
         load_base_weights(model, weights_from)
     else:

@@ -126,7 +126,7 @@ def run_worker(config: dict[str, Any]) -> None:
         activation_checkpointing=job.model.activation_checkpointing, compile_blocks=job.model.compile,
         # `random_weights` (raycpt bench train): the shape's architecture, no weights to read.
         weights_from=job.model.base if decision.kind == "fresh_base" and not config.get("random_weights") else None,
-        prepare=partial_training(job.model), shard=world > 1 or job.model.shard_single_worker,
+        prepare=partial_training(job.model), single_worker=job.model.single_worker,
     )
     if decision.kind == "fresh_run":
         check_init_run(decision.train_state["config"], job.model)
