@@ -115,6 +115,16 @@ def test_one_worker_checkpoint_reshards_to_two_fsdp2_workers_and_back(tmp_path, 
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
+def test_one_worker_holds_a_small_model_plain_and_a_large_one_under_fsdp2():
+    from raycpt.model.fsdp import PLAIN_BELOW_PARAMS, shards
+
+    small, large = 135_000_000, 1_236_000_000
+    assert small < PLAIN_BELOW_PARAMS <= large
+    assert not shards(1, "auto", small) and shards(1, "auto", large)
+    assert shards(1, "fsdp2", small) and not shards(1, "plain", large)
+    assert all(shards(2, mode, small) for mode in ("auto", "plain", "fsdp2"))  # several workers: always FSDP2
+
+
 def test_adamw_is_fused_on_gpus_and_foreach_elsewhere():
     from raycpt.config import OptimConfig
     from raycpt.train.optim import adamw_implementation, build_optimizer

@@ -177,13 +177,19 @@ def summarize_real(reports: list[dict[str, Any]], o: TrainBenchOptions, flops_to
     reports = [r for r in reports if r["attempt"] == reports[-1]["attempt"]]
     # Warm-up counts from the attempt's first step (a resumed attempt compiles again).
     warm_until = reports[0]["step"] - len(reports[0]["step_times_s"]) + o.warmup_steps
+
+    def profiled(s: int) -> bool:
+        # Steps under the profiler run slower, and the step after them holds the trace export:
+        # none of them is timed (`--profile START STOP`: steps START..STOP).
+        return o.profile_steps is not None and o.profile_steps[0] <= s <= o.profile_steps[1]
+
     times: list[float] = []
     first = 0
     wait, stall, elapsed = 0.0, [], 0.0
     for r in reports:
         n = len(r["step_times_s"])
         steps = range(r["step"] - n, r["step"])
-        kept = [t for s, t in zip(steps, r["step_times_s"]) if s >= warm_until]
+        kept = [t for s, t in zip(steps, r["step_times_s"]) if s >= warm_until and not profiled(s)]
         times += kept
         if r["step"] - n >= warm_until:  # whole window past warm-up
             wait += r["data_wait_share"] * sum(r["step_times_s"])
