@@ -41,6 +41,8 @@ def adamw_implementation(params: list[torch.Tensor]) -> str:
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; fused or foreach by where the parameters are (`device`, the
+    worker's, is where they were put)."""
     groups = param_groups(model, optim)
     impl = adamw_implementation([p for g in groups for p in g["params"]])
     return torch.optim.AdamW(groups, lr=optim.peak_lr, betas=tuple(optim.betas), eps=optim.eps,
