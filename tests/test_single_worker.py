@@ -195,3 +195,17 @@ def test_bench_job_of_the_lora_shape_carries_its_recipe():
     job = parse_job(bench_job_tree(o, "/tmp/unused/model", "/tmp/unused/data"))
     assert job.model.lora is not None and job.model.lora.rank == 8 and job.model.lora.alpha == 32.0
     assert job.optim.embedding_lr_ratio == 0.1
+
+
+def test_plain_lora_baseline_trains_adapters_and_embeddings_at_the_recipe_lr():
+    """The bench's plain peft loop for the LoRA shape (built on the meta device: no memory)."""
+    from raycpt.bench.train import TrainBenchOptions, plain_model
+
+    o = TrainBenchOptions(shape="llama3-8b-lora", workdir="/tmp/unused", layers=1)
+    model, groups = plain_model(o, torch.device("meta"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".lora_A." in n for n in trainable) and any("embed_tokens" in n for n in trainable)
+    assert not any(".base_layer." in n for n in trainable)
+    rest, embeddings = groups
+    assert embeddings["lr"] == 1e-4 * 0.1 and len(embeddings["params"]) == 2  # untied embeddings and head
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
