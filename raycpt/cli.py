@@ -144,7 +144,7 @@ def _cmd_schedule(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench_checkpoint(a: argparse.Namespace) -> int:
-    from raycpt.checkpoint.bench import bench_checkpoint
+    from raycpt.bench.checkpoint import bench_checkpoint
 
     rows = bench_checkpoint(a.shape, a.storage, a.saves, tuple(a.modes), a.s3_endpoint_url)
     if a.json:
@@ -155,7 +155,7 @@ def _cmd_bench_checkpoint(a: argparse.Namespace) -> int:
 def _cmd_bench_train(a: argparse.Namespace) -> int:
     import torch
 
-    from raycpt.bench_train import TrainBenchOptions, bench_train, format_report
+    from raycpt.bench.train import TrainBenchOptions, bench_train, format_report
 
     use_gpu = torch.cuda.is_available() and not a.cpu
     workers = a.workers or (torch.cuda.device_count() if use_gpu else 1)
@@ -165,7 +165,8 @@ def _cmd_bench_train(a: argparse.Namespace) -> int:
                           warmup_steps=a.warmup_steps, workers=workers, use_gpu=use_gpu,
                           checkpoint_every=a.checkpoint_every, baselines=baselines, overrides=a.overrides,
                           profile_steps=tuple(a.profile) if a.profile else None,
-                          baseline_micro_batch_size=a.baseline_micro_batch_size, kill_at_step=a.kill_at_step)
+                          baseline_micro_batch_size=a.baseline_micro_batch_size, kill_at_step=a.kill_at_step,
+                          layers=a.layers)
     r = bench_train(o)
     if a.json:
         with open(a.json, "w") as f:
@@ -177,7 +178,7 @@ def _cmd_bench_train(a: argparse.Namespace) -> int:
 def _cmd_bench_tune(a: argparse.Namespace) -> int:
     import torch
 
-    from raycpt.bench_tune import TuneBenchOptions, bench_tune, format_report
+    from raycpt.bench.tune import TuneBenchOptions, bench_tune, format_report
 
     o = TuneBenchOptions(
         workdir=a.workdir, use_gpu=torch.cuda.is_available() and not a.cpu, trials=a.trials,
@@ -195,7 +196,7 @@ def _cmd_bench_tune(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench_data(a: argparse.Namespace) -> int:
-    from raycpt.bench import bench_data
+    from raycpt.bench.data import bench_data
     from raycpt.launch import connect_ray
 
     if a.path == "ray":
@@ -347,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup-steps", type=int, default=10, help="first steps left out of the timing")
     b.add_argument("--workers", type=int, default=None, help="training workers (default: every GPU, or 1 CPU)")
     b.add_argument("--checkpoint-every", type=int, default=None,
-                   help="async checkpoint interval in steps (default: only the final save, untimed)")
+                   help="async checkpoint interval in steps (default: no saves)")
     b.add_argument("--baseline", nargs="+", choices=("compiled", "eager", "none"), default=["compiled", "eager"],
                    help="plain-loop baselines to run on one device in this process")
     b.add_argument("--baseline-micro-batch-size", type=int, default=None,
@@ -355,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kill-at-step", type=int, default=None, metavar="K",
                    help="SIGKILL rank 0 once step K's checkpoint commits and time the automatic resume "
                         "(kill -> first new step)")
+    b.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="N decoder blocks instead of the shape's (a large shape's memory plan on fewer GPUs)")
     b.add_argument("--cpu", action="store_true", help="CPU workers (gloo) even where a GPU is present")
     b.add_argument("--profile", nargs=2, type=int, default=None, metavar=("START", "STOP"),
                    help="torch.profiler over these steps of rank 0; kernel table to <workdir>/<run>.profile.txt")
