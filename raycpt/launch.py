@@ -7,22 +7,35 @@ workers' start decision then finds the newest committed checkpoint there.
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from raycpt import storage
 from raycpt.config import JobConfig
 
 
-def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
-    """Join the cluster named by `address`/RAY_ADDRESS, or start a local one sized for the job."""
+# What a Ray worker process imports before it is given work, when the local Ray is started with
+# them (`preload_modules`): a trial's driver, Ray Train controller and training worker are three
+# fresh processes, each of which would import these (seconds each) before its first step.
+TRAINING_MODULES = ("torch", "transformers", "ray.train.torch", "ray.data", "raycpt.train.loop", "raycpt.tune.trial")
+
+
+def connect_ray(min_cpus: float = 0, address: str | None = None, preload_modules: tuple[str, ...] = ()) -> None:
+    """Join the cluster named by `address`/RAY_ADDRESS, or start a local one sized for the job.
+
+    `preload_modules`: a local Ray's idle worker processes import these while they wait (Ray's
+    `preload_python_modules`; on a cluster, set RAY_preload_python_modules on `ray start`)."""
     import ray
+
+    from raycpt.logs import route_ray_output
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        route_ray_output()  # Ray's own lines to its session's logs folder (raycpt/logs.py)
         return
     # Reader and prepare tasks are I/O bound: give the local node a few logical CPUs more than
     # the training workers hold so they always fit beside them.
@@ -30,10 +43,12 @@ def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
     # "local": a Ray some other program started on this machine is not ours to join (nor sized for us).
     # Its processes inherit this environment (AWS credentials included) from the raylet this
     # call starts; credentials are never put in a runtime_env, which Ray shows in its dashboard.
-    ray.init(address="local", num_cpus=cpus, log_to_driver=True)
+    system_config = {"preload_python_modules": list(preload_modules)} if preload_modules else None
+    ray.init(address="local", num_cpus=cpus, log_to_driver=True, _system_config=system_config)
+    route_ray_output()
 
 
-def _ray_storage(job: JobConfig) -> tuple[str, Any]:
+def ray_storage(job: JobConfig) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
     uri = job.run.storage
     if uri.startswith("s3://") and job.run.s3_endpoint_url:
@@ -67,8 +82,10 @@ def _torch_config_with_sigterm_hook(backend: str):
     return _Config(backend=backend)
 
 
-def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, callbacks: list[Any] | None = None):
-    """`callbacks`: Ray Train callbacks, e.g. the one a sweep trial forwards metrics to Tune with."""
+def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
+                  gpus_per_worker: float = 1.0):
+    """`callbacks`: Ray Train callbacks, e.g. the one a sweep trial forwards metrics to Tune with;
+    `gpus_per_worker` < 1: a share of a GPU, so several sweep trials train on one (tune.gpus_per_trial)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -76,13 +93,13 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
 
     lo, hi = job.worker_range()
     num_workers: int | tuple[int, int] = lo if lo == hi else (lo, hi)
-    storage_path, fs = _ray_storage(job)
+    storage_path, fs = ray_storage(job)
     return TorchTrainer(
         run_worker,
         train_loop_config={"job": job.model_dump(mode="json"), **(loop_options or {})},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=job.scaling.use_gpu,
-            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if job.scaling.use_gpu else {})},
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": gpus_per_worker} if job.scaling.use_gpu else {})},
         ),
         torch_config=_torch_config_with_sigterm_hook(backend="nccl" if job.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -112,7 +129,7 @@ def preflight(job: JobConfig) -> str:
         storage.check_reachable(src.path, f"data.sources[{i}].path")
     decision = decide_start(job)
     if decision.kind == "resume":
-        check_resume_config(decision.train_state["config"], job)
+        check_resume_config(decision.train_state.config, job)
     if job.model.base and os.path.isdir(job.model.base):  # on a cluster the folder may live on workers only
         config = load_config(job.model.base)
         tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))
@@ -127,12 +144,14 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
     import ray.train
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from raycpt.logs import route_ray_logs_to_run
     from raycpt.placement import PlacementGroupRegistry, RegisterPlacementGroups, registry_name
 
     storage.configure_storage(job.run.s3_endpoint_url)
     print(f"raycpt: {preflight(job)}", flush=True)
     lo, hi = job.worker_range()
     connect_ray(min_cpus=hi * job.scaling.cpus_per_worker, address=address)
+    route_ray_logs_to_run(job.run_uri)
     name = registry_name(f"run-{job.run.name}-{uuid.uuid4().hex[:8]}")
     # On the driver's node: a registry on a spot worker node would go with that node.
     registry = PlacementGroupRegistry.options(name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(
@@ -147,7 +166,7 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
             print(f"raycpt: could not release the run's placement groups: {type(e).__name__}: {e}", flush=True)
 
     try:
-        for attempt in range(job.checkpoint.max_failures + 1):
+        for attempt in controller_attempts(job.checkpoint.max_failures):
             try:
                 return build_trainer(job, loop_options, callbacks=callbacks).fit()
             except ray.train.ControllerError as e:
@@ -158,14 +177,20 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
                 if attempt == job.checkpoint.max_failures:
                     return _FailedResult(e)  # released below
                 release()
+                of = "unlimited" if job.checkpoint.max_failures < 0 else job.checkpoint.max_failures
                 print(f"raycpt: Ray Train's controller failed ({str(e).splitlines()[0][:200]}); "
-                      f"starting again ({attempt + 1}/{job.checkpoint.max_failures})", flush=True)
+                      f"starting again ({attempt + 1}/{of})", flush=True)
             except ray.train.TrainingFailedError as e:
                 return _FailedResult(e)
-        raise AssertionError("unreachable")
     finally:
         release()
         ray.kill(registry)
+
+
+def controller_attempts(max_failures: int) -> Iterator[int]:
+    """Attempt numbers 0, 1, ... for `checkpoint.max_failures` retries after the first fit; -1
+    retries without end (as Ray's FailureConfig reads -1)."""
+    return itertools.count() if max_failures < 0 else iter(range(max_failures + 1))
 
 
 class _FailedResult:

@@ -1,4 +1,5 @@
-"""`raycpt plot RUN`: one PNG with the run's loss per domain and its LR over steps.
+"""`raycpt plot RUN`: one PNG with the run's loss per domain and its LR over steps;
+`raycpt plot RUN1 RUN2 ...`: the runs overlaid, one panel per series (plot_runs).
 
 Reads only the run's storage: <run>/metrics/train.jsonl (training loss and LR per report) and
 <run>/metrics/eval.json (held-out loss per domain, probe losses and task accuracy at step 0 and
@@ -11,7 +12,8 @@ import io
 from typing import Any
 
 from raycpt import storage
-from raycpt.checkpoint.layout import TRAIN_STATE, latest_committed
+from raycpt.checkpoint.layout import latest_committed
+from raycpt.checkpoint.state import read_train_state
 from raycpt.errors import RaycptError
 from raycpt.train.logbook import metrics_uri, read_train_log
 
@@ -24,13 +26,115 @@ def _roles(run_uri: str) -> dict[str, str]:
     entry = latest_committed(run_uri)
     if entry is None:
         return {}
-    config = storage.read_json(storage.join(entry.uri, TRAIN_STATE))["config"]
+    config = read_train_state(entry.uri).config
     return {s["name"]: s["role"] for s in config["data"]["sources"]}
 
 
 def read_eval_history(run_uri: str) -> list[dict[str, Any]]:
     uri = metrics_uri(run_uri, "eval.json")
     return storage.read_json(uri) if storage.exists(uri) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# `raycpt plot RUN1 RUN2 ...`: several runs overlaid, one panel per series
+
+
+def eval_series(record: dict[str, Any]) -> dict[str, float]:
+    """Every number of one eval record by its path, e.g. loss/code, forgetting/english,
+    probe_loss/wiki, tasks/arc/acc_norm: whatever the loop writes to eval.json is drawn."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix] = float(value)
+
+    walk("", {k: v for k, v in record.items() if k != "step"})
+    return out
+
+
+def run_label(run_uri: str) -> str:
+    return run_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def compare_panels(runs: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]) -> list[str]:
+    """The panels of an overlay, in order: train loss, each eval series (first seen first), LR."""
+    series: dict[str, None] = {}
+    for _, evals in runs.values():
+        for record in evals:
+            series.update(dict.fromkeys(eval_series(record)))
+    has_train = any(train for train, _ in runs.values())
+    return (["train/loss"] if has_train else []) + [f"eval/{s}" for s in series] + (["train/lr"] if has_train else [])
+
+
+def plot_runs(run_uris: list[str], output: str) -> str:
+    """One PNG overlaying runs: a panel per series (train loss, every eval series of eval.json:
+    per-domain loss, forgetting, probes, tasks; LR), one colour per run. Returns `output`."""
+    plt = _pyplot()
+    runs = {}
+    for uri in run_uris:
+        train, evals = read_train_log(uri), read_eval_history(uri)
+        if not train and not evals:
+            raise PlotError(f"{uri}: no metrics yet (metrics/train.jsonl, metrics/eval.json); "
+                            "is this a run folder that has trained?")
+        runs[uri] = (train, evals)
+    panels = compare_panels(runs)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes.flat, panels):
+        kind, _, name = panel.partition("/")
+        for i, (uri, (train, evals)) in enumerate(runs.items()):
+            if kind == "train":
+                pts = [(r["step"], r[name]) for r in train if r.get(name) is not None]
+            else:
+                pts = [(e["step"], v) for e in evals if (v := eval_series(e).get(name)) is not None]
+            if pts:
+                ax.plot([p for p, _ in pts], [v for _, v in pts], color=colours[i % len(colours)], lw=1.6,
+                        marker="o" if kind == "eval" else None, ms=3, label=run_label(uri))
+        ax.set_title(_panel_title(panel), fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if name == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * rows)))
+    return _save_png(fig, plt, output)
+
+
+def _panel_title(panel: str) -> str:
+    kind, _, name = panel.partition("/")
+    if kind == "train":
+        return {"loss": "train loss (blend)", "lr": "learning rate"}.get(name, f"train {name}")
+    head, _, rest = name.partition("/")
+    titles = {"loss": "eval loss: {}", "forgetting": "forgetting (loss - step 0): {}", "probe_loss": "probe loss: {}"}
+    return titles[head].format(rest) if head in titles and rest else f"eval {name.replace('/', ' ')}"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on a cluster node or in CI
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotError("raycpt plot needs matplotlib: pip install 'raycpt[plot]'") from None
+    return plt
+
+
+def _save_png(fig, plt, output: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    storage.write_bytes(output if "://" in output else _abs(output), buf.getvalue())
+    return output
 
 
 def plot_run(run_uri: str, output: str) -> str:

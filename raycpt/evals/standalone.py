@@ -63,8 +63,8 @@ def load_target(target: str, base: str | None = None) -> Target:
         merge_adapters(loaded.model)
     if getattr(loaded.model.config, "tie_word_embeddings", False):
         loaded.model.tie_weights()
-    return Target(loaded.model, loaded.base, "checkpoint", loaded.entry.step, loaded.state["config"],
-                  loaded.state.get("eval_history") or [])
+    return Target(loaded.model, loaded.base, "checkpoint", loaded.entry.step, loaded.state.config,
+                  loaded.state.eval_history or [])
 
 
 def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
