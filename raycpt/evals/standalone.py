@@ -14,6 +14,7 @@ the run's step-0 evaluation (the base model), i.e. the forgetting.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -151,7 +152,7 @@ def format_table(result: dict[str, Any]) -> str:
         for name, loss in rec.get(field, {}).items():
             b = base.get(field, {}).get(name)
             change = f"{loss - b:+.4f} ({100 * (loss - b) / b:+.1f}%)" if b else "-"
-            lines.append(f"  {name:<20} {kind_of(name):<8} {loss:>8.4f} {torch.tensor(loss).exp().item():>9.2f} "
+            lines.append(f"  {name:<20} {kind_of(name):<8} {loss:>8.4f} {math.exp(min(loss, 50.0)):>9.2f} "
                          f"{'':>6} {'':>8}   {change}")
     for name, tk in rec.get("tasks", {}).items():
         b = base.get("tasks", {}).get(name)

@@ -213,7 +213,7 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 def get_dotted(tree: dict[str, Any], key: str) -> Any:
     """The value at `key` (a.b[0].c) of a plain tree, None where a part is missing."""
     node: Any = tree
-    for part in _split_dotted(key):
+    for part in split_dotted(key):
         try:
             node = node[part]
         except (KeyError, IndexError, TypeError):
