@@ -74,7 +74,7 @@ def write_model_folder(shape: str, folder: str) -> str:
 def write_random_source(folder: str, model_dir: str, rows: int, seq_len: int, seed: int = 0) -> str:
     """Random-token shards + manifest as `raycpt prepare` writes them, tied to `model_dir`'s tokenizer."""
     from raycpt import storage
-    from raycpt.data.manifest import FORMAT_VERSION, MANIFEST_NAME, tokenizer_identity
+    from raycpt.data.manifest import MANIFEST_NAME, split_record, tokenizer_identity, write_manifest
     from raycpt.data.prepare import write_rows
     from raycpt.model.hf import load_tokenizer
 
@@ -87,14 +87,10 @@ def write_random_source(folder: str, model_dir: str, rows: int, seq_len: int, se
     rng = np.random.default_rng(seed)
     write_rows(storage.join(folder, "train/part-00000.parquet"),
                rng.integers(0, tok_id["vocab_size"], (rows, seq_len), dtype=np.int32), seq_len, 64)
-    split = {"files": [{"path": "train/part-00000.parquet", "rows": rows}], "rows": rows, "tokens": rows * seq_len,
-             "documents": rows, "dropped_tokens": 0}
-    empty = {"files": [], "rows": 0, "tokens": 0, "documents": 0, "dropped_tokens": 0}
-    storage.write_json(manifest_uri, {
-        "format_version": FORMAT_VERSION, "seq_len": seq_len, "rows_per_row_group": 64, "tokenizer": tok_id,
-        "splits": {"train": split, "eval": empty}, "documents": rows, "tokens": rows * seq_len,
-        "source_files": 0, "source_files_sample": [], "input_fingerprint": fingerprint,
-        "command": "raycpt bench train (random tokens)"})
+    write_manifest(folder, seq_len=seq_len, rows_per_row_group=64, tokenizer=tok_id,
+                   train=split_record([{"path": "train/part-00000.parquet", "rows": rows}], rows * seq_len, rows),
+                   eval=split_record([], 0, 0), input_fingerprint=fingerprint,
+                   command="raycpt bench train (random tokens)")
     return folder
 
 

@@ -10,10 +10,13 @@ every problem at once with its dotted path and the fix, e.g.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib.util
 import json
+import math
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -296,14 +299,27 @@ class JobConfig(_Section):
         lo, hi = (nw, nw) if isinstance(nw, int) else nw
         if lo < 1 or hi < lo:
             problems.append(f"scaling.num_workers: need 1 <= min <= max (got {nw})")
-        for w in sorted({lo, hi}):
-            per = self.train.micro_batch_size * w
-            if self.train.global_batch_size % per:
-                problems.append(
-                    f"train.global_batch_size: {self.train.global_batch_size} is not a multiple of "
-                    f"micro_batch_size x workers = {per}; pick a multiple so gradient accumulation "
-                    f"keeps the global batch exact"
-                )
+        # Ray Train may start an elastic run at any size in the range, so every size must split
+        # the global batch into whole micro batches per worker, not only the two ends.
+        per_worker = [w for w in range(max(lo, 1), hi + 1)
+                      if self.train.global_batch_size % (self.train.micro_batch_size * w)]
+        if per_worker and lo == hi:
+            problems.append(
+                f"train.global_batch_size: {self.train.global_batch_size} is not a multiple of "
+                f"micro_batch_size x workers = {self.train.micro_batch_size * lo}; pick a multiple so gradient "
+                f"accumulation keeps the global batch exact"
+            )
+        elif per_worker:
+            fits = [w for w in range(lo, hi + 1) if w not in per_worker]
+            sizes = ", ".join(str(w) for w in per_worker)
+            problems.append(
+                f"scaling.num_workers: [{lo}, {hi}] includes {sizes} worker(s), which do not split "
+                f"train.global_batch_size {self.train.global_batch_size} into micro batches of "
+                f"train.micro_batch_size {self.train.micro_batch_size}; use a range whose every size does"
+                + (f" (of these: {' or '.join(str(w) for w in fits)})" if fits else "")
+                + " or make train.global_batch_size a multiple of micro_batch_size x every size"
+                f" (e.g. {self.train.micro_batch_size * math.lcm(*range(lo, hi + 1))})"
+            )
         if self.optim.warmup_steps > self.train.max_steps:
             problems.append(f"optim.warmup_steps: {self.optim.warmup_steps} exceeds train.max_steps {self.train.max_steps}")
         if self.optim.min_lr > self.optim.peak_lr:
@@ -345,7 +361,8 @@ class JobConfig(_Section):
 _INDEX = re.compile(r"^([^\[\]]+)((?:\[\d+\])*)$")
 
 
-def _split_dotted(path: str) -> list[str | int]:
+def split_dotted(path: str) -> list[str | int]:
+    """`a.b[1].c` -> ['a', 'b', 1, 'c']."""
     parts: list[str | int] = []
     for token in path.split("."):
         m = _INDEX.match(token)
@@ -363,7 +380,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=20")
         key, raw = item.split("=", 1)
-        parts = _split_dotted(key.strip())
+        parts = split_dotted(key.strip())
         node: Any = tree
         for i, part in enumerate(parts[:-1]):
             nxt = parts[i + 1]
@@ -384,20 +401,50 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _dotted(loc: tuple[Any, ...]) -> str:
+def dotted_path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (("." if out else "") + str(part))
     return out
 
 
-def _fix_hint(err: dict[str, Any]) -> str:
+def fix_hint(err: dict[str, Any], model: type[BaseModel] | None = None) -> str:
+    """What to do about one pydantic error; an unknown key gets the nearest known key of its
+    section (`model` is the class validated, JobConfig by default)."""
     kind = err["type"]
     if kind == "extra_forbidden":
-        return "unknown key; check the spelling (see `raycpt train --help-config`)"
+        known = _section_keys(model or JobConfig, err["loc"][:-1])
+        near = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.6)
+        if near:
+            return f"unknown key; did you mean {dotted_path((*err['loc'][:-1], near[0]))}?"
+        return f"unknown key; the keys here are {', '.join(known)}" if known else "unknown key"
     if kind == "missing":
         return "required; add it to the job YAML or pass it as an override"
     return err["msg"].lower() if err.get("msg") else kind
+
+
+def _section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the config section at `loc` (list indices skipped); [] if unknown."""
+    cls: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        cls = _model_in(field.annotation) if field is not None else None
+        if cls is None:
+            return []
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation like `X`, `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def parse_job(tree: dict[str, Any]) -> JobConfig:
@@ -407,14 +454,14 @@ def parse_job(tree: dict[str, Any]) -> JobConfig:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            path = _dotted(err["loc"])
+            path = dotted_path(err["loc"])
             if err["type"] == "value_error" and not err["loc"]:
                 # Cross-field checks already name their keys.
                 lines.extend(str(err["ctx"]["error"]).splitlines())
                 continue
             got = err.get("input")
             got_txt = f" (got {got!r})" if err["type"] not in ("missing",) and not isinstance(got, dict) else ""
-            lines.append(f"{path}: {_fix_hint(err)}{got_txt}")
+            lines.append(f"{path}: {fix_hint(err)}{got_txt}")
         raise ConfigError("invalid job config:\n  " + "\n  ".join(lines)) from None
 
 

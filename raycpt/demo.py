@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from raycpt import storage
+from raycpt.checkpoint.state import read_train_state
 from raycpt.config import load_job
 
 STDLIB_PACKAGES = ("json", "email", "http", "urllib", "logging", "concurrent", "asyncio")
@@ -103,8 +104,7 @@ def train_until_done(job, train) -> list[dict]:
         if getattr(result, "error", None):
             raise RuntimeError(f"demo: training {job.run.name} failed: {result.error}")
         st = run_status(job.run_uri)
-    ts_uri = storage.join(st["checkpoints"][-1]["uri"], "train_state.json")
-    return storage.read_json(ts_uri)["eval_history"]
+    return read_train_state(st["checkpoints"][-1]["uri"]).eval_history
 
 
 def compare_plot(run_uris: list[str], output: str) -> str:

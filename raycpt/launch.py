@@ -7,8 +7,9 @@ workers' start decision then finds the newest committed checkpoint there.
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from raycpt import storage
 from raycpt.config import JobConfig
@@ -37,7 +38,7 @@ def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
     route_ray_output()
 
 
-def _ray_storage(job: JobConfig) -> tuple[str, Any]:
+def ray_storage(job: JobConfig) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
     uri = job.run.storage
     if uri.startswith("s3://") and job.run.s3_endpoint_url:
@@ -80,7 +81,7 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
 
     lo, hi = job.worker_range()
     num_workers: int | tuple[int, int] = lo if lo == hi else (lo, hi)
-    storage_path, fs = _ray_storage(job)
+    storage_path, fs = ray_storage(job)
     return TorchTrainer(
         run_worker,
         train_loop_config={"job": job.model_dump(mode="json"), **(loop_options or {})},
@@ -116,7 +117,7 @@ def preflight(job: JobConfig) -> str:
         storage.check_reachable(src.path, f"data.sources[{i}].path")
     decision = decide_start(job)
     if decision.kind == "resume":
-        check_resume_config(decision.train_state["config"], job)
+        check_resume_config(decision.train_state.config, job)
     if job.model.base and os.path.isdir(job.model.base):  # on a cluster the folder may live on workers only
         config = load_config(job.model.base)
         tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))
@@ -153,7 +154,7 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
             print(f"raycpt: could not release the run's placement groups: {type(e).__name__}: {e}", flush=True)
 
     try:
-        for attempt in range(job.checkpoint.max_failures + 1):
+        for attempt in controller_attempts(job.checkpoint.max_failures):
             try:
                 return build_trainer(job, loop_options, callbacks=callbacks).fit()
             except ray.train.ControllerError as e:
@@ -164,14 +165,20 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
                 if attempt == job.checkpoint.max_failures:
                     return _FailedResult(e)  # released below
                 release()
+                of = "unlimited" if job.checkpoint.max_failures < 0 else job.checkpoint.max_failures
                 print(f"raycpt: Ray Train's controller failed ({str(e).splitlines()[0][:200]}); "
-                      f"starting again ({attempt + 1}/{job.checkpoint.max_failures})", flush=True)
+                      f"starting again ({attempt + 1}/{of})", flush=True)
             except ray.train.TrainingFailedError as e:
                 return _FailedResult(e)
-        raise AssertionError("unreachable")
     finally:
         release()
         ray.kill(registry)
+
+
+def controller_attempts(max_failures: int) -> Iterator[int]:
+    """Attempt numbers 0, 1, ... for `checkpoint.max_failures` retries after the first fit; -1
+    retries without end (as Ray's FailureConfig reads -1)."""
+    return itertools.count() if max_failures < 0 else iter(range(max_failures + 1))
 
 
 class _FailedResult:

@@ -11,7 +11,8 @@ import io
 from typing import Any
 
 from raycpt import storage
-from raycpt.checkpoint.layout import TRAIN_STATE, latest_committed
+from raycpt.checkpoint.layout import latest_committed
+from raycpt.checkpoint.state import read_train_state
 from raycpt.errors import RaycptError
 from raycpt.train.logbook import metrics_uri, read_train_log
 
@@ -24,7 +25,7 @@ def _roles(run_uri: str) -> dict[str, str]:
     entry = latest_committed(run_uri)
     if entry is None:
         return {}
-    config = storage.read_json(storage.join(entry.uri, TRAIN_STATE))["config"]
+    config = read_train_state(entry.uri).config
     return {s["name"]: s["role"] for s in config["data"]["sources"]}
 
 

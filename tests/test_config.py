@@ -49,6 +49,20 @@ def test_unknown_keys_and_bad_values_are_all_reported_with_dotted_paths():
     assert "optim.peak_lr" in msg
 
 
+def test_an_unknown_key_is_answered_with_the_nearest_known_key():
+    tree = minimal()
+    tree["train"]["max_stepz"] = 3
+    tree["data"]["sources"][0]["wieght"] = 1
+    tree["checkpoint"]["zzz"] = 1
+    with pytest.raises(ConfigError) as e:
+        parse_job(tree)
+    msg = str(e.value)
+    assert "train.max_stepz: unknown key; did you mean train.max_steps?" in msg, msg
+    assert "data.sources[0].wieght: unknown key; did you mean data.sources[0].weight?" in msg, msg
+    assert "checkpoint.zzz: unknown key; the keys here are async_save, interval_steps," in msg, msg
+    assert "--help-config" not in msg
+
+
 def test_cross_field_problems_name_the_key_and_fix():
     tree = minimal()
     tree["data"]["sources"][1]["weight"] = -2
@@ -58,6 +72,18 @@ def test_cross_field_problems_name_the_key_and_fix():
     msg = str(e.value)
     assert "data.sources[1].weight: must be > 0" in msg
     assert "train.global_batch_size" in msg and "multiple" in msg
+
+
+def test_an_elastic_range_is_checked_at_every_size_not_only_its_ends():
+    tree = minimal()  # global batch 8, micro batch 1: 2 and 4 workers split it, 3 do not
+    tree["scaling"] = {"num_workers": [2, 4]}
+    with pytest.raises(ConfigError) as e:
+        parse_job(tree)
+    msg = str(e.value)
+    assert "scaling.num_workers: [2, 4] includes 3 worker(s)" in msg, msg
+    assert "2 or 4" in msg and "e.g. 12" in msg, msg
+    tree["train"]["global_batch_size"] = 12
+    assert parse_job(tree).worker_range() == (2, 4)
 
 
 def test_missing_section_is_named():

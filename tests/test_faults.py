@@ -147,6 +147,24 @@ def test_a_worker_killed_during_a_save_never_loads_the_torn_checkpoint(straight_
     assert_ends_like_the_straight_run(run_uri, straight_uri, tmp_path)
 
 
+def test_a_worker_lost_between_a_saves_durability_and_the_next_save_resumes_from_that_save(
+        straight_run, tmp_path, tiny_model, prepared_sources, ray_local):
+    _, straight_uri = straight_run
+    # max_failures -1: unlimited restarts (spot clusters) must train like any other setting.
+    tree, run_uri = job_like_the_straight_run(tmp_path, tiny_model, prepared_sources, "lost-after-durable",
+                                              interval_steps=4, max_failures=-1)
+    flag = tmp_path / "kill-once"
+    flag.write_text("")
+    # Every rank waits at the end of step 5 until step 4's async save is durable; rank 0 is
+    # SIGKILLed at the end of step 6, two steps before the next save (at 8) would have committed it.
+    result = run_logged(tree, kill_after_durable=[str(flag), 5])
+    assert result.error is None, result.error
+    assert not flag.exists(), "the fault was never injected"
+    record = starts(run_uri)
+    assert [(s["kind"], s["step"]) for s in record] == [("fresh_base", 0), ("resume", 4)], record
+    assert_ends_like_the_straight_run(run_uri, straight_uri, tmp_path)
+
+
 def test_sigterm_on_a_worker_saves_at_the_next_step_then_the_resubmitted_run_finishes(
         straight_run, tmp_path, tiny_model, prepared_sources, ray_local):
     _, straight_uri = straight_run

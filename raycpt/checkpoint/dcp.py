@@ -4,7 +4,9 @@ Every rank writes its own shards in parallel (local folder or s3:// through fssp
 coordinator writes `.metadata` once all ranks are done; then rank 0 writes `train_state.json`
 and the commit marker. With `async_save`, the state is staged to host memory and persisted by a
 background thread on a separate gloo group while training goes on; at most one save is in
-flight (a new save first waits for the previous one).
+flight (a new save first waits for the previous one). The loop calls `poll_commit` at every step
+boundary: once every rank's upload is durable, the save commits there, not at the next save, so a
+worker lost in between resumes from it.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from raycpt import storage
-from raycpt.checkpoint.layout import COMMIT_MARKER, TRAIN_STATE, list_checkpoints, step_uri, to_delete
+from raycpt.checkpoint.attempt import AttemptFence
+from raycpt.checkpoint.layout import COMMIT_MARKER, list_checkpoints, step_uri, to_delete
+from raycpt.checkpoint.state import TrainState, write_train_state
 
 
 _WRITE_THREADS = 8
 
 
-def _writer(uri: str):
+def storage_writer(uri: str):
+    """The DCP writer of a checkpoint folder (local, or s3:// through fsspec)."""
     if storage.is_remote(uri):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
@@ -39,7 +44,8 @@ def _writer(uri: str):
     return dcp.FileSystemWriter(storage.local_path(uri), sync_files=True, thread_count=_WRITE_THREADS)
 
 
-def _reader(uri: str):
+def storage_reader(uri: str):
+    """The DCP reader of a checkpoint folder (local, or s3:// through fsspec)."""
     if storage.is_remote(uri):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
@@ -129,7 +135,7 @@ def load_sharded(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer | 
     state: dict[str, Any] = {"model": model_state(model)}
     if optimizer is not None:
         state["optimizer"] = optimizer_state(model, optimizer)
-    dcp.load(state, storage_reader=_reader(uri))
+    dcp.load(state, storage_reader=storage_reader(uri))
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -140,7 +146,7 @@ class Checkpointer:
 
     def __init__(self, run_uri: str, rank: int, keep_last: int, keep_every_steps: int | None,
                  async_save: bool, log: Callable[[str], None] = print,
-                 before_commit: Callable[[int], None] | None = None):
+                 before_commit: Callable[[int], None] | None = None, fence: AttemptFence | None = None):
         self.run_uri = run_uri
         self.rank = rank
         self.keep_last = keep_last
@@ -149,11 +155,18 @@ class Checkpointer:
         self.log = log
         self.pending: Future | None = None
         self.pending_step: int | None = None
+        self._pending_state: TrainState | None = None
         self.last_committed_step: int | None = None
         # Fault tests hook in here to die with every shard written but no commit marker.
         self.before_commit = before_commit
         # Background saves talk on their own group so they never interleave with training collectives.
         self.pg = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        # `poll_commit`'s per-step agreement: a CPU all-reduce on a third group (no device sync,
+        # never interleaved with the background save's collectives on `pg`).
+        self.poll_pg = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        # Every rank checks it is still the run's newest attempt before it writes shards, and rank 0
+        # again before it commits or deletes anything (one small read each).
+        self.fence = fence
         # On GPUs the staging copy goes into pinned host buffers reused across saves. (On CPU the
         # default stager copies into fresh memory; pinning needs an accelerator.)
         self.stager = _pinned_stager() if async_save and torch.cuda.is_available() else None
@@ -189,15 +202,17 @@ class Checkpointer:
             self._preparing = None
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             train_state: dict[str, Any]) -> float:
+             train_state: TrainState) -> float:
         """Start (or do) a save of `step`; returns the seconds the training loop was blocked."""
         t0 = time.perf_counter()
         self.wait()
         self.wait_for_staging_buffers()
         uri = step_uri(self.run_uri, step)
+        self._check_fence(f"write the shards of step {step}")
         if self.rank == 0 and storage.exists(uri) and not storage.exists(storage.join(uri, COMMIT_MARKER)):
             # A torn save of this step from before a restart (maybe by another world size): start
             # clean. No rank writes before DCP's planning collective, which waits for rank 0.
+            self._check_fence(f"remove the torn save {uri}")
             storage.remove_tree(uri)
         state = saved_state(model, optimizer)
         cache = getattr(self.stager, "state_dict_cache", None)
@@ -208,16 +223,35 @@ class Checkpointer:
             self.stager.state_dict_cache = None
         if self.async_save:
             kwargs = {"async_stager": self.stager} if self.stager is not None else {}
-            fut = dcp.async_save(state, storage_writer=_writer(uri), process_group=self.pg, **kwargs)
+            fut = dcp.async_save(state, storage_writer=storage_writer(uri), process_group=self.pg, **kwargs)
             if not isinstance(fut, Future):  # newer torch returns a response object
                 fut.staging_completion.result()  # the copy must be ours before the weights change
                 fut = fut.upload_completion
             self.pending, self.pending_step = fut, step
             self._pending_state = train_state
         else:
-            dcp.save(state, storage_writer=_writer(uri))
+            dcp.save(state, storage_writer=storage_writer(uri))
             self._commit(step, train_state)
         return time.perf_counter() - t0
+
+    def poll_commit(self) -> int | None:
+        """At a step boundary, on every rank: commit the in-flight save if every rank's upload is
+        durable (one tiny CPU all-reduce, only while a save is in flight); returns the step committed."""
+        if self.pending is None:
+            return None
+        uploading = torch.tensor([0.0 if self.pending.done() else 1.0])
+        if self.poll_pg is not None:
+            dist.all_reduce(uploading, op=dist.ReduceOp.MAX, group=self.poll_pg)
+        if uploading.item() > 0:
+            return None
+        step = self.pending_step
+        self.wait()
+        return step
+
+    def wait_durable(self) -> None:
+        """Block until this rank's in-flight upload (if any) is on storage, without committing it."""
+        if self.pending is not None:
+            self.pending.result()
 
     def wait(self) -> float:
         """Block until the in-flight save (if any) is durable and committed."""
@@ -237,7 +271,7 @@ class Checkpointer:
             self.stager.close()
             self.stager = None
 
-    def _commit(self, step: int, train_state: dict[str, Any]) -> None:
+    def _commit(self, step: int, train_state: TrainState) -> None:
         # Every rank's shards are on storage once DCP returns on all ranks; the barrier makes
         # rank 0's marker strictly later than every rank's last write.
         if dist.is_initialized():
@@ -246,7 +280,8 @@ class Checkpointer:
             if self.before_commit is not None:
                 self.before_commit(step)
             uri = step_uri(self.run_uri, step)
-            storage.write_json(storage.join(uri, TRAIN_STATE), train_state)
+            self._check_fence(f"commit step {step}")
+            write_train_state(uri, train_state)
             storage.write_bytes(storage.join(uri, COMMIT_MARKER), f"{step}\n".encode())
             self.apply_retention()
         self.last_committed_step = step
@@ -254,5 +289,12 @@ class Checkpointer:
 
     def apply_retention(self) -> None:
         entries = list_checkpoints(self.run_uri)
-        for e in to_delete(entries, self.keep_last, self.keep_every_steps, self.pending_step):
+        doomed = to_delete(entries, self.keep_last, self.keep_every_steps, self.pending_step)
+        if doomed:
+            self._check_fence(f"delete {', '.join(e.uri for e in doomed)}")
+        for e in doomed:
             storage.remove_tree(e.uri)
+
+    def _check_fence(self, action: str) -> None:
+        if self.fence is not None:
+            self.fence.check(action)

@@ -20,8 +20,9 @@ import torch.distributed.checkpoint as dcp
 
 from raycpt.errors import RaycptError
 from raycpt import storage
-from raycpt.checkpoint.dcp import _reader
-from raycpt.checkpoint.layout import TRAIN_STATE, checkpoint_uri_of
+from raycpt.checkpoint.dcp import storage_reader
+from raycpt.checkpoint.layout import checkpoint_uri_of
+from raycpt.checkpoint.state import read_train_state
 
 
 class ExportError(RaycptError, RuntimeError):
@@ -71,20 +72,20 @@ def export_hf(run_or_checkpoint: str, output: str, base: str | None = None, adap
     entry = checkpoint_uri_of(run_or_checkpoint)
     if entry is None:
         raise ExportError(f"{run_or_checkpoint}: no committed checkpoint to export")
-    state = storage.read_json(storage.join(entry.uri, TRAIN_STATE))
-    base = base or state["config"]["model"]["base"]
+    state = read_train_state(entry.uri)
+    base = base or state.config["model"]["base"]
     if not base or not os.path.exists(os.path.join(base, "config.json")):
         raise ExportError(f"--base: the run's model.base {base!r} is not an HF folder here; pass --base DIR")
     target = resolve_dtype(dtype, base)
     config = AutoConfig.from_pretrained(base)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    lora = lora_of(state["config"])
+    lora = lora_of(state.config)
     if lora is not None:
         add_adapters(model, lora)  # the checkpoint's names: base_layer + lora_A/lora_B
     elif adapter_dir:
         raise ExportError(f"--adapter: {run_or_checkpoint} is a full-model run (no model.lora); drop --adapter")
     sd = model.state_dict()
-    dcp.load({"model": sd}, storage_reader=_reader(entry.uri))
+    dcp.load({"model": sd}, storage_reader=storage_reader(entry.uri))
     model.load_state_dict(sd)
     if lora is not None:
         if adapter_dir:
@@ -107,7 +108,7 @@ def export_hf(run_or_checkpoint: str, output: str, base: str | None = None, adap
             shutil.copy(src, os.path.join(output, name))
     storage.write_json(os.path.join(output, "raycpt_export.json"),
                        {"checkpoint": entry.uri, "step": entry.step, "base": base, "dtype": str(target)[6:],
-                        "tokens_per_source": state["tokens_per_source"]})
+                        "tokens_per_source": state.tokens_per_source})
     make_readable(output)
     check_logits(output, probe, reference, target)
     return output

@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from raycpt.errors import RaycptError
-from raycpt import storage
-from raycpt.checkpoint.layout import TRAIN_STATE, CheckpointEntry, checkpoint_uri_of, latest_committed
+from raycpt.checkpoint.layout import CheckpointEntry, checkpoint_uri_of, latest_committed
+from raycpt.checkpoint.state import ResumeError, TrainState, read_train_state
 from raycpt.config import JobConfig
+
+__all__ = ["ResumeError", "StartDecision", "check_resume_config", "decide_start", "flatten"]
 
 # Keys whose change makes "the same run" a different run. Everything else (LR schedule,
 # eval, logging, worker count, checkpoint cadence) may change at a resume and applies from then.
@@ -27,38 +28,37 @@ RESUME_CRITICAL = (
     "train.global_batch_size", "run.seed",
 )
 
-TRAIN_STATE_VERSION = 1
-
-
-class ResumeError(RaycptError, RuntimeError):
-    """A resume that would silently change the run; the message lists what and how to allow it."""
-
-
 @dataclass(frozen=True)
 class StartDecision:
     kind: Literal["resume", "fresh_base", "fresh_run"]
     checkpoint: CheckpointEntry | None
-    train_state: dict[str, Any] | None
+    train_state: TrainState | None
     load_optimizer: bool
     message: str
 
+    @property
+    def start_step(self) -> int:
+        """The step training continues from: the checkpoint's on a resume, else 0."""
+        return self.train_state.step if self.kind == "resume" else 0
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (and lists of dicts) as {"a.b[0].c": value}."""
     if isinstance(d, dict):
         out: dict[str, Any] = {}
         for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     if isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
         out = {}
         for i, v in enumerate(d):
-            out.update(_flatten(v, f"{prefix}[{i}]"))
+            out.update(flatten(v, f"{prefix}[{i}]"))
         return out if out else {prefix: d}
     return {prefix: d}
 
 
 def critical_view(job_dump: dict[str, Any]) -> dict[str, Any]:
-    flat = _flatten(job_dump)
+    flat = flatten(job_dump)
     return {k: v for k, v in flat.items() if any(k == c or k.startswith(c + ".") or k.startswith(c + "[")
                                                  for c in RESUME_CRITICAL)}
 
@@ -102,15 +102,15 @@ def decide_start(job: JobConfig) -> StartDecision:
     run_uri = job.run_uri
     latest = latest_committed(run_uri)
     if latest is not None:
-        state = storage.read_json(storage.join(latest.uri, TRAIN_STATE))
+        state = read_train_state(latest.uri)
         return StartDecision("resume", latest, state, True,
-                             f"resuming step {state['step']} of run {job.run.name} from {latest.uri}")
+                             f"resuming step {state.step} of run {job.run.name} from {latest.uri}")
     init = job.model.init
     if init.source == "run":
         entry = checkpoint_uri_of(init.run)
         if entry is None:
             raise ResumeError(f"model.init.run: {init.run} has no committed checkpoint to start from")
-        return StartDecision("fresh_run", entry, storage.read_json(storage.join(entry.uri, TRAIN_STATE)),
+        return StartDecision("fresh_run", entry, read_train_state(entry.uri),
                              init.load == "weights+optimizer",
                              f"fresh from run checkpoint {entry.uri} ({init.load})")
     if job.model.base:

@@ -73,6 +73,29 @@ def tokenizer_identity(tokenizer: Any, name: str) -> dict[str, Any]:
     }
 
 
+def split_record(files: list[dict[str, Any]], tokens: int, documents: int, dropped_tokens: int = 0) -> dict[str, Any]:
+    """One split (`train` or `eval`) of a manifest: its shard files ({path, rows}) and totals."""
+    return {"files": files, "rows": sum(int(f["rows"]) for f in files), "tokens": tokens, "documents": documents,
+            "dropped_tokens": dropped_tokens}
+
+
+def write_manifest(uri: str, *, seq_len: int, rows_per_row_group: int, tokenizer: dict[str, Any],
+                   train: dict[str, Any], eval: dict[str, Any], input_fingerprint: str,
+                   source_files: list[str] | None = None, command: str | None = None) -> dict[str, Any]:
+    """Write a source's manifest (call it last: its presence marks the source complete); returns it.
+    `train`/`eval` come from `split_record`; `source_files` are the input files it was made from."""
+    files = source_files or []
+    manifest = {
+        "format_version": FORMAT_VERSION, "seq_len": seq_len, "rows_per_row_group": rows_per_row_group,
+        "tokenizer": tokenizer, "splits": {"train": train, "eval": eval},
+        "documents": train["documents"] + eval["documents"], "tokens": train["tokens"] + eval["tokens"],
+        "source_files": len(files), "source_files_sample": files[:20], "input_fingerprint": input_fingerprint,
+        "command": command,
+    }
+    storage.write_json(storage.join(uri, MANIFEST_NAME), manifest)
+    return manifest
+
+
 def _split(raw: dict[str, Any], name: str) -> Split:
     files = raw.get("splits", {}).get(name, {}).get("files", [])
     return Split(tuple(ShardFile(f["path"], int(f["rows"])) for f in files))

@@ -206,8 +206,9 @@ class BlendPlan:
         return [w / total for w in ws]
 
     # -- the sequence -----------------------------------------------------------------------------
-    def next_batch(self) -> np.ndarray:
-        """Sample ids of the next global batch, in slot order (int64 [G]); advances the state."""
+    def _next_counts(self) -> list[int]:
+        """Samples each source gives the next global batch (starts a new weight segment when the
+        weights in force change); the counts themselves are left to the caller to advance."""
         st = self.state
         ws = self._weights_for(st.step)
         if st.segment_weights is None or not np.allclose(ws, st.segment_weights, rtol=0, atol=1e-12):
@@ -224,6 +225,12 @@ class BlendPlan:
         if sum(per_source) < self.G:
             raise DataExhausted(f"step {st.step}: the sources ran out of rows for a full global batch "
                                 "(data.sources[*].epochs); raise epochs or lower train.max_steps")
+        return per_source
+
+    def next_batch(self) -> np.ndarray:
+        """Sample ids of the next global batch, in slot order (int64 [G]); advances the state."""
+        st = self.state
+        per_source = self._next_counts()
         ids = np.empty(self.G, dtype=np.int64)
         j = 0
         for s, n in enumerate(per_source):
@@ -237,9 +244,16 @@ class BlendPlan:
         st.step += 1
         return ids
 
+    def advance(self) -> None:
+        """Move the state past the next global batch without building its sample ids: the same
+        state as `next_batch`, for a holder of the position that never reads rows."""
+        for s, n in enumerate(self._next_counts()):
+            self.state.counts[s] += n
+        self.state.step += 1
+
     def skip_to(self, step: int) -> None:
         while self.state.step < step:
-            self.next_batch()
+            self.advance()
 
     def tokens_per_source(self, seq_len: int) -> dict[str, int]:
         return {s.name: c * seq_len for s, c in zip(self.sources, self.state.counts)}

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raycpt import storage
-from raycpt.data.manifest import FORMAT_VERSION, MANIFEST_NAME, DataError, tokenizer_identity
+from raycpt.data.manifest import MANIFEST_NAME, DataError, split_record, tokenizer_identity, write_manifest
 from raycpt.data.hf_saved import (ARROW_SUFFIX, check_arrow_text_column, is_saved_dataset_metadata,
                                   iter_arrow_documents, saved_dataset_files)
 
@@ -265,30 +265,17 @@ def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
     splits: dict[str, dict[str, Any]] = {}
     for split in ("train", "eval"):
         sel = [r for r in rows if r["split"] == split]
-        splits[split] = {
-            "files": [{"path": str(r["path"]), "rows": int(r["rows"])} for r in sel if int(r["rows"]) > 0],
-            "rows": sum(int(r["rows"]) for r in sel),
-            "tokens": sum(int(r["tokens"]) for r in sel),
-            "documents": sum(int(r["documents"]) for r in sel),
-            "dropped_tokens": sum(int(r["dropped"]) for r in sel),
-        }
+        splits[split] = split_record(
+            [{"path": str(r["path"]), "rows": int(r["rows"])} for r in sel if int(r["rows"]) > 0],
+            tokens=sum(int(r["tokens"]) for r in sel), documents=sum(int(r["documents"]) for r in sel),
+            dropped_tokens=sum(int(r["dropped"]) for r in sel))
     if splits["train"]["rows"] == 0:
         raise DataError(f"--input {' '.join(opts.inputs)}: produced no full row of {opts.seq_len} tokens "
                         "(empty or too little text); add text or lower --seq-len")
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "seq_len": opts.seq_len,
-        "rows_per_row_group": opts.rows_per_row_group,
-        "tokenizer": tok_id,
-        "splits": splits,
-        "documents": splits["train"]["documents"] + splits["eval"]["documents"],
-        "tokens": splits["train"]["tokens"] + splits["eval"]["tokens"],
-        "source_files": len(files),
-        "source_files_sample": [u for u, _ in files[:20]],
-        "input_fingerprint": fingerprint,
-        "command": " ".join(["raycpt", "prepare", *sys.argv[2:]]) if sys.argv[1:2] == ["prepare"] else None,
-    }
-    storage.write_json(manifest_uri, manifest)  # last: marks the dataset complete
+    manifest = write_manifest(  # last: marks the dataset complete
+        opts.output, seq_len=opts.seq_len, rows_per_row_group=opts.rows_per_row_group, tokenizer=tok_id,
+        train=splits["train"], eval=splits["eval"], input_fingerprint=fingerprint, source_files=[u for u, _ in files],
+        command=" ".join(["raycpt", "prepare", *sys.argv[2:]]) if sys.argv[1:2] == ["prepare"] else None)
     log(f"prepare: {splits['train']['rows']} train rows, {splits['eval']['rows']} eval rows, "
         f"{manifest['tokens']:,} tokens from {manifest['documents']} documents")
     return manifest

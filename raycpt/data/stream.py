@@ -184,33 +184,100 @@ def iter_local(spec: StreamSpec, start_step: int, end_step: int) -> Iterator[tup
 
 def iter_ray_data(spec: StreamSpec, start_step: int, end_step: int, prefetch_batches: int,
                   reader_cpus: float) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(step, input_ids [rows, seq_len], sample_ids [rows]) for this worker, through Ray Data."""
-    import ray
+    """(step, input_ids [rows, seq_len], sample_ids [rows]) for this worker, through Ray Data
+    (a `DataStream` whose position is `spec.plan_state`, which must be at `start_step`)."""
+    stream = DataStream(spec, end_step, prefetch_batches=prefetch_batches, reader_cpus=reader_cpus)
+    if stream.step != start_step:
+        raise ValueError(f"the spec's plan state is at step {stream.step}, not {start_step}")
+    while stream.step < end_step:
+        step = stream.step
+        input_ids, sample_ids = stream.next()
+        yield step, input_ids, sample_ids
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    first = start_step
-    state = spec.plan_state
-    while first < end_step:
-        last = min(end_step, first + _STEPS_PER_DATASET)
-        part_spec = StreamSpec(**{**asdict(spec), "plan_state": state})
-        blocks = -(-(last - first) // _STEPS_PER_BLOCK)
-        ds = ray.data.range(last - first, override_num_blocks=blocks).map_batches(
-            # The step-number tasks ask for a reader's share of a CPU, not a whole one: training
-            # workers may hold every whole CPU of their nodes.
-            lambda b, o=first: {"id": b["id"] + o}, batch_size=None, zero_copy_batch=True, num_cpus=reader_cpus,
-        ).map_batches(BatchReader, fn_constructor_args=(part_spec,), batch_size=_STEPS_PER_BLOCK,
-                      compute=ray.data.ActorPoolStrategy(size=1),
-                      num_cpus=reader_cpus, batch_format="numpy")
-        for batch in ds.iter_batches(batch_size=1, prefetch_batches=prefetch_batches, batch_format="numpy"):
-            yield int(batch["step"][0]), batch["input_ids"][0], batch["sample_ids"][0]
-        # The next dataset's reader starts from the plan state at `last`.
-        plan = build_plan(part_spec)
-        plan.skip_to(last)
-        state = plan.state.state_dict()
-        first = last
+
+class DataStream:
+    """This worker's batches, and the run's data position: the one holder of the plan state.
+
+    The reader (a Ray Data actor, or in-process with `local=True`) computes each step's sample ids
+    from the plan state it was started with; this object advances its own copy of the plan in
+    lock-step with the batches the loop takes, without building sample ids (`BlendPlan.advance`),
+    so its `state_dict()` is the position a checkpoint stores and the start of the reader's next
+    dataset in a long run: nothing is replayed.
+    """
+
+    def __init__(self, spec: StreamSpec, end_step: int, prefetch_batches: int = 4, reader_cpus: float = 0.25,
+                 local: bool = False, steps_per_dataset: int = _STEPS_PER_DATASET):
+        self.spec = spec
+        self.end_step = end_step
+        self.prefetch_batches = prefetch_batches
+        self.reader_cpus = reader_cpus
+        self.local = local
+        self.steps_per_dataset = steps_per_dataset
+        self.plan = build_plan(spec)
+        self.wait_s = 0.0  # time the loop spent blocked on the next batch
+        self._batches: Iterator[tuple[int, np.ndarray, np.ndarray]] | None = None
+
+    @property
+    def step(self) -> int:
+        """The next global batch index."""
+        return self.plan.state.step
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plan.state.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plan.state = PlanState.from_state_dict(state)
+        self._batches = None  # the reader restarts from the loaded position
+
+    def tokens_per_source(self) -> dict[str, int]:
+        return self.plan.tokens_per_source(self.spec.seq_len)
+
+    def next(self) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids [rows, seq_len], sample_ids [rows]) of this worker's slice of the next step."""
+        if self._batches is None:
+            self._batches = self._local() if self.local else self._ray_data()
+        t = time.perf_counter()
+        try:
+            data_step, input_ids, sample_ids = next(self._batches)
+        finally:
+            self.wait_s += time.perf_counter() - t
+        if data_step != self.step:
+            raise RuntimeError(f"data stream at step {data_step}, training at {self.step}")
+        self.plan.advance()
+        return input_ids, sample_ids
+
+    def _reader_spec(self) -> StreamSpec:
+        return StreamSpec(**{**asdict(self.spec), "plan_state": self.state_dict()})
+
+    def _local(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        reader = BatchReader(self._reader_spec())
+        for step in range(self.step, self.end_step):
+            out = reader({"id": np.array([step])})
+            yield int(out["step"][0]), out["input_ids"][0], out["sample_ids"][0]
+
+    def _ray_data(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        import ray
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        while self.step < self.end_step:
+            # The loop has taken every batch of the previous dataset, so this holder is at `first`.
+            first = self.step
+            last = min(self.end_step, first + self.steps_per_dataset)
+            blocks = -(-(last - first) // _STEPS_PER_BLOCK)
+            ds = ray.data.range(last - first, override_num_blocks=blocks).map_batches(
+                # The step-number tasks ask for a reader's share of a CPU, not a whole one: training
+                # workers may hold every whole CPU of their nodes.
+                lambda b, o=first: {"id": b["id"] + o}, batch_size=None, zero_copy_batch=True,
+                num_cpus=self.reader_cpus,
+            ).map_batches(BatchReader, fn_constructor_args=(self._reader_spec(),), batch_size=_STEPS_PER_BLOCK,
+                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=self.reader_cpus,
+                          batch_format="numpy")
+            for batch in ds.iter_batches(batch_size=1, prefetch_batches=self.prefetch_batches,
+                                         batch_format="numpy"):
+                yield int(batch["step"][0]), batch["input_ids"][0], batch["sample_ids"][0]
 
 
 def read_eval_rows(m: Manifest, max_rows: int) -> np.ndarray:
@@ -232,17 +299,3 @@ def read_eval_rows(m: Manifest, max_rows: int) -> np.ndarray:
     if not rows:
         return np.zeros((0, m.seq_len), dtype=np.int64)
     return np.concatenate(rows).astype(np.int64)
-
-
-class WaitTimer:
-    """Accumulates the time the loop spends blocked on the next batch."""
-
-    def __init__(self) -> None:
-        self.wait_s = 0.0
-
-    def next(self, it: Iterator[Any]) -> Any:
-        t = time.perf_counter()
-        try:
-            return next(it)
-        finally:
-            self.wait_s += time.perf_counter() - t

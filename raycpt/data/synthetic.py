@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from raycpt import storage
-from raycpt.data.manifest import FORMAT_VERSION, MANIFEST_NAME
+from raycpt.data.manifest import MANIFEST_NAME, split_record, write_manifest
 from raycpt.data.prepare import write_rows
 
 
@@ -29,14 +29,9 @@ def write_synthetic_source(uri: str, rows: int, seq_len: int, vocab_size: int, r
             write_rows(storage.join(uri, rel), rng.integers(0, vocab_size, (count, seq_len), dtype=np.int32),
                        seq_len, rows_per_row_group)
             files.append({"path": rel, "rows": count})
-        splits[split] = {"files": files, "rows": n, "tokens": n * seq_len, "documents": n, "dropped_tokens": 0}
-    manifest = {
-        "format_version": FORMAT_VERSION, "seq_len": seq_len, "rows_per_row_group": rows_per_row_group,
-        "tokenizer": {"name": "synthetic", "vocab_size": vocab_size, "eos_token_id": None,
-                      "vocab_fingerprint": f"synthetic-{vocab_size}"},
-        "splits": splits, "documents": rows + eval_rows, "tokens": (rows + eval_rows) * seq_len,
-        "source_files": 0, "source_files_sample": [], "input_fingerprint": f"synthetic-{rows}x{seq_len}-{seed}",
-        "command": None,
-    }
-    storage.write_json(storage.join(uri, MANIFEST_NAME), manifest)
+        splits[split] = split_record(files, tokens=n * seq_len, documents=n)
+    write_manifest(uri, seq_len=seq_len, rows_per_row_group=rows_per_row_group,
+                   tokenizer={"name": "synthetic", "vocab_size": vocab_size, "eos_token_id": None,
+                              "vocab_fingerprint": f"synthetic-{vocab_size}"},
+                   train=splits["train"], eval=splits["eval"], input_fingerprint=f"synthetic-{rows}x{seq_len}-{seed}")
     return uri

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from raycpt.errors import RaycptError
+from raycpt.model.names import base_weight_name
 
 
 class ModelError(RaycptError, ValueError):
@@ -111,8 +112,6 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
 def load_base_weights(model: nn.Module, folder: str) -> None:
     """Copy each parameter's local shard from the safetensors files (DTensor-aware)."""
-    from raycpt.model.lora import base_weight_name
-
     reader = SafetensorsReader(folder)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     missing = []

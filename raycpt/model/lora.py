@@ -30,6 +30,7 @@ from torch import nn
 
 from raycpt.config import LoraConfig, ModelConfig
 from raycpt.model.hf import ModelError, copy_full_into, decoder_layers
+from raycpt.model.names import is_adapter_param, plain_name
 
 ADAPTER = "default"  # peft's adapter name; part of every adapter parameter's name
 PEFT_PREFIX = "base_model.model."  # how peft's saved adapter files name the wrapped model
@@ -97,23 +98,6 @@ def partial_training(cfg: ModelConfig) -> Callable[[nn.Module], nn.Module] | Non
         return freeze_lower_blocks(model, cfg.freeze_layers, cfg.freeze_embeddings)
 
     return prepare
-
-
-def plain_name(name: str) -> str:
-    """A parameter's name without the wrappers torch.compile and activation checkpointing add."""
-    return name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
-
-
-def is_adapter_param(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
-
-
-def base_weight_name(name: str) -> str | None:
-    """Name in the base model's safetensors of a parameter of the (possibly adapted) model;
-    None for adapter parameters, which the base does not have."""
-    if is_adapter_param(name):
-        return None
-    return name.replace(".base_layer.", ".")
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

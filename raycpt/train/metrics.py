@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 # Dense bf16 peak FLOP/s by device name fragment (no sparsity), as MFU conventions use.
@@ -44,3 +46,58 @@ def eval_line(step: int, losses: dict[str, float], baseline: dict[str, float] | 
             extra = f" ({loss - baseline[name]:+.4f} vs step 0)"
         parts.append(f"{name} {loss:.4f}{extra}")
     return f"eval step {step}: " + " | ".join(parts)
+
+
+class MetricWindow:
+    """The steps since the last report: throughput, data wait, checkpoint stall, step times.
+
+    `report` closes the window with the metrics of its last step (the loss averaged over workers)
+    and opens the next one."""
+
+    def __init__(self, job, world: int, flops_per_token: float, peak_flops: float | None, clock, stream):
+        self.job, self.world, self.flops_per_token, self.peak_flops = job, world, flops_per_token, peak_flops
+        self.clock, self.stream = clock, stream  # a StepClock (train/step.py) and a DataStream
+        self._open()
+
+    def _open(self) -> None:
+        self.t0, self.wait0, self.steps, self.checkpoint_stall_s = time.perf_counter(), self.stream.wait_s, 0, 0.0
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def due(self, step: int) -> bool:
+        return step % self.job.train.log_interval_steps == 0 or step == self.job.train.max_steps
+
+    def report(self, step: int, loss_sum: torch.Tensor, accum: int, lr: float, grad_norm: torch.Tensor,
+               device: torch.device) -> tuple[dict, list[float]]:
+        """(metrics, the window's step times in s); every rank calls it (the loss is all-reduced)."""
+        import numpy as np
+        import torch.distributed as dist
+
+        from raycpt.train.step import peak_memory_gib
+
+        mean_loss = loss_sum / accum
+        dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
+        if device.type != "cuda":  # gloo has no AVG
+            mean_loss /= self.world
+        # Read the step clock first: it waits for the device, which runs behind the host, so the
+        # window's wall time covers its steps' work, not just their launch.
+        step_times = self.clock.read()
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        job = self.job
+        tps = self.steps * job.train.global_batch_size * job.data.seq_len / elapsed
+        gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        metrics = {
+            "step": step, "max_steps": job.train.max_steps, "loss": float(mean_loss), "lr": lr,
+            "grad_norm": float(gn), "tokens_per_s": tps,
+            "mfu": (tps * self.flops_per_token / (self.peak_flops * self.world)) if self.peak_flops else None,
+            "data_wait_share": (self.stream.wait_s - self.wait0) / elapsed,
+            "checkpoint_stall_s": self.checkpoint_stall_s,
+            "step_time_median_s": float(np.median(step_times)) if step_times else None,
+            "step_time_p90_s": float(np.percentile(step_times, 90)) if step_times else None,
+            "peak_memory_gib": peak_memory_gib(device),
+            "eta_s": (job.train.max_steps - step) * elapsed / max(self.steps, 1),
+            **{f"tokens/{k}": v for k, v in self.stream.tokens_per_source().items()},
+        }
+        self._open()
+        return metrics, step_times

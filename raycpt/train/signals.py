@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Any, Callable
 
 _requested = threading.Event()
 
@@ -37,3 +38,33 @@ def install_sigterm_hook() -> bool:
 def sigterm_requested() -> bool:
     return _requested.is_set()
 
+
+
+class StopFlag:
+    """Why the loop should save at the next step boundary: a Ray preemption notice (save and
+    train on) or SIGTERM on this worker (save and stop)."""
+
+    def __init__(self, ray_train: Any) -> None:
+        self.ray_train = ray_train  # None outside Ray Train
+        self.reason: str | None = None
+        self.preemption_seen = False  # one just-in-time save per notice
+
+    def set(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def poll(self, agree: Callable[[bool], bool]) -> bool:
+        """On every rank at the same steps (a barrier): whether any worker asks to save now."""
+        if self.ray_train is not None and not self.preemption_seen and self.ray_train.get_preemption_info() is not None:
+            self.set("preemption notice")
+            self.preemption_seen = True
+        if sigterm_requested():
+            self.set("SIGTERM")
+        return agree(self.reason is not None)
+
+    def train_on(self) -> bool:
+        """After the stop's checkpoint committed: True (and cleared) for a preemption notice, which
+        Ray advises to answer with a save and more training; False for a stop."""
+        if self.reason == "preemption notice":
+            self.reason = None
+            return True
+        return False

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raycpt.config import (ConfigError, JobConfig, _dotted, _fix_hint, _split_dotted, apply_overrides, parse_job,
+from raycpt.config import (ConfigError, JobConfig, dotted_path, fix_hint, split_dotted, apply_overrides, parse_job,
                            read_yaml_tree, resolve_relative_paths)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
@@ -158,7 +158,7 @@ def _flatten_space(space: Any, prefix: str = "") -> dict[str, Any]:
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     """Copy of `tree` with `key` (a.b[0].c) set to a Python value (no YAML string round trip)."""
     tree = apply_overrides(tree, [f"{key}=placeholder"])  # creates missing parents as an override does
-    parts = _split_dotted(key)
+    parts = split_dotted(key)
     node: Any = tree
     for part in parts[:-1]:
         node = node[part]
@@ -172,10 +172,10 @@ def _section_errors(e: ValidationError, prefix: str) -> list[str]:
         loc = err["loc"]
         if loc and loc[0] == "space" and len(loc) > 1:
             # Space keys hold dots themselves: `tune.space.optim.peak_lr.loguniform`.
-            path = f"{prefix}.space.{loc[1]}" + ("." + _dotted(loc[2:]) if len(loc) > 2 else "")
+            path = f"{prefix}.space.{loc[1]}" + ("." + dotted_path(loc[2:]) if len(loc) > 2 else "")
         else:
-            path = f"{prefix}.{_dotted(loc)}" if loc else prefix
-        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else _fix_hint(err)
+            path = f"{prefix}.{dotted_path(loc)}" if loc else prefix
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else fix_hint(err, TuneSection)
         got = err.get("input")
         got_txt = f" (got {got!r})" if err["type"] not in ("missing", "value_error") and not isinstance(got, dict) else ""
         lines.append(f"{path}: {msg}{got_txt}")

@@ -99,9 +99,9 @@ def read_trials(uri: str) -> dict[str, dict[str, Any]]:
 
 def default_values(job: JobConfig, keys: list[str]) -> dict[str, Any]:
     """The job's own value of each searched key (the baseline trial)."""
-    from raycpt.checkpoint.resume import _flatten
+    from raycpt.checkpoint.resume import flatten
 
-    flat = _flatten(job.model_dump(mode="json"))
+    flat = flatten(job.model_dump(mode="json"))
     return {k: flat.get(k) for k in keys}
 
 

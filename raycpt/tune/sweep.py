@@ -124,13 +124,13 @@ def trials_that_fit(job: JobConfig, tune: TuneSection, resources: dict[str, floa
 
 
 def _check_same_sweep(uri: str, fingerprint: str, job: JobConfig, tune: TuneSection) -> None:
-    from raycpt.checkpoint.resume import _flatten
+    from raycpt.checkpoint.resume import flatten
 
     saved = storage.read_json(storage.join(uri, SWEEP_FILE))
     if saved["fingerprint"] == fingerprint:
         return
     now = {"job": job.model_dump(mode="json"), "tune": tune.model_dump(mode="json")}
-    a, b = _flatten({"job": saved["job"], "tune": saved["tune"]}), _flatten(now)
+    a, b = flatten({"job": saved["job"], "tune": saved["tune"]}), flatten(now)
     diffs = [f"  {k.split('.', 1)[1] if k.startswith('job.') else k}: {a.get(k)!r} -> {b.get(k)!r}"
              for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     raise ConfigError(f"sweep {tune.name} at {uri} was started with another config:\n" + "\n".join(diffs)
@@ -143,7 +143,7 @@ def run_sweep(job: JobConfig, tune: TuneSection, address: str | None = None,
     from ray.tune import Tuner
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from raycpt.launch import _ray_storage, connect_ray, preflight
+    from raycpt.launch import connect_ray, preflight, ray_storage
 
     t0 = time.time()
     storage.configure_storage(job.run.s3_endpoint_url)
@@ -162,7 +162,7 @@ def run_sweep(job: JobConfig, tune: TuneSection, address: str | None = None,
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec),
                                         {k.lower() if k in ("CPU", "GPU") else k: v
                                          for k, v in tune.trial_driver_resources.items()})
-    storage_path, fs = _ray_storage(job)
+    storage_path, fs = ray_storage(job)
     experiment_path = storage_path.rstrip("/") + "/" + tune.name
     if storage.exists(storage.join(uri, SWEEP_FILE)):
         _check_same_sweep(uri, fingerprint, job, tune)
