@@ -1,4 +1,4 @@
-"""`raycpt` command line: prepare | train | tune | status | plot | export | import | schedule | demo."""
+"""`raycpt` command line: prepare | train | tune | status | plot | eval | export | import | schedule | demo."""
 
 from __future__ import annotations
 
@@ -82,6 +82,13 @@ def _cmd_plot(a: argparse.Namespace) -> int:
         storage.configure_storage(job.run.s3_endpoint_url)
         target = job.run_uri
     output = a.output or target.rstrip("/").rsplit("/", 1)[-1] + ".png"
+    from raycpt.tune.results import is_sweep
+
+    if is_sweep(target):  # a sweep folder: its Pareto front (raycpt/plot.py plot_sweep)
+        from raycpt.plot import plot_sweep
+
+        print(plot_sweep(target, output))
+        return 0
     print(plot_run(target, output))
     return 0
 
@@ -100,6 +107,12 @@ def _plot_compare(targets: list[str], overrides: list[str], output: str | None) 
         runs.append(target)
     print(plot_runs(runs, output or "-vs-".join(run_label(r) for r in runs)[:150] + ".png"))
     return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from raycpt.evals.standalone import eval_command
+
+    return eval_command(a)
 
 
 def _cmd_import(a: argparse.Namespace) -> int:
@@ -203,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="output folder or s3:// prefix")
     s.add_argument("--text-column", default="text",
                    help="text field of jsonl / Parquet / HF `datasets` save_to_disk inputs")
-    s.add_argument("--eval-fraction", type=float, default=0.0, help="share of documents held out for eval")
+    s.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="share of documents held out for eval (1: an eval-only source for eval.probes)")
     s.add_argument("--group-mb", type=float, default=8.0, help="input MB per prepare task")
     s.add_argument("--rows-per-row-group", type=int, default=64, help="Parquet row-group size in rows")
     s.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
@@ -229,14 +243,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_status)
 
-    s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps")
-    s.add_argument("target", help="run folder URI or job YAML")
+    s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps; of a sweep, its "
+                                    "Pareto front of new-domain loss vs forgetting; of several runs, overlaid")
+    s.add_argument("target", help="run folder URI, job YAML, or sweep folder URI")
     s.add_argument("overrides", nargs="*", metavar="RUN|KEY=VALUE",
                    help="more runs to overlay on the first (one panel per series, one colour per run), "
                         "and dotted overrides of job YAML targets")
     s.add_argument("--output", default=None, help="PNG path or URI (default: ./<run name>.png, "
                                                   "./<run1>-vs-<run2>.png for several runs)")
     s.set_defaults(fn=_cmd_plot)
+
+    s = sub.add_parser("eval", help="held-out sets, probes and multiple-choice tasks on a run, checkpoint or HF folder")
+    s.add_argument("target", help="run folder (its newest committed checkpoint), checkpoint folder, or HF folder")
+    s.add_argument("overrides", nargs="*", help="dotted overrides of --job")
+    s.add_argument("--job", default=None, help="job YAML whose sources and eval section to use (default: the run's own)")
+    s.add_argument("--probe", action="append", metavar="NAME=PATH", help="a prepared source to evaluate (repeatable)")
+    s.add_argument("--task", action="append", metavar="NAME=PATH", help="a multiple-choice jsonl (repeatable)")
+    s.add_argument("--max-rows", type=int, default=None, help="rows per source/probe (default: eval.max_rows)")
+    s.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass")
+    s.add_argument("--seq-len", type=int, default=None, help="token limit of task requests (default: data.seq_len)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    s.add_argument("--base", default=None, help="HF folder of the architecture/tokenizer (default: the run's model.base)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("import", help="GGUF file -> HF folder usable as model.base")
     s.add_argument("gguf")

@@ -2,7 +2,8 @@
 `raycpt plot RUN1 RUN2 ...`: the runs overlaid, one panel per series (plot_runs).
 
 Reads only the run's storage: <run>/metrics/train.jsonl (training loss and LR per report) and
-<run>/metrics/eval.json (held-out loss per domain at step 0 and every eval interval).
+<run>/metrics/eval.json (held-out loss per domain, probe losses and task accuracy at step 0 and
+every eval interval).
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def plot_run(run_uri: str, output: str) -> str:
         ax_loss.plot([s for s, _ in pts], [v for _, v in pts], marker="o", lw=2,
                      ls="--" if role == "replay" else "-",
                      label=f"eval {name}" + (f" ({'old domain' if role == 'replay' else 'new domain'})" if role else ""))
+    draw_probes(ax_loss, evals)
     ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.set_title(f"{run_uri.rstrip('/').rsplit('/', 1)[-1]}: loss per domain")
     ax_loss.grid(alpha=0.3)
@@ -171,6 +173,7 @@ def plot_run(run_uri: str, output: str) -> str:
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    draw_tasks(ax_lr, evals)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -179,7 +182,89 @@ def plot_run(run_uri: str, output: str) -> str:
     return output
 
 
+def draw_probes(ax, evals: list[dict[str, Any]]) -> None:
+    """Probe losses (eval-only sets, never trained on) as dotted lines, labelled with their
+    relative rise since step 0."""
+    for name in (evals[-1].get("probe_loss", {}) if evals else {}):
+        pts = [(e["step"], e["probe_loss"][name]) for e in evals if name in e.get("probe_loss", {})]
+        rise = evals[-1].get("relative_forgetting", {}).get(name)
+        ax.plot([p for p, _ in pts], [v for _, v in pts], marker="s", lw=2, ls=":",
+                label=f"probe {name}" + (f" ({100 * rise:+.1f}% vs step 0)" if rise is not None else ""))
+
+
+def draw_tasks(ax, evals: list[dict[str, Any]]) -> None:
+    """Multiple-choice accuracy (acc_norm) per task on a right-hand axis."""
+    names = sorted({n for e in evals for n in e.get("tasks", {})})
+    if not names:
+        return
+    twin = ax.twinx()
+    for name in names:
+        pts = [(e["step"], e["tasks"][name]["acc_norm"]) for e in evals if name in e.get("tasks", {})]
+        twin.plot([p for p, _ in pts], [v for _, v in pts], marker="^", lw=1.5, label=f"task {name} acc_norm")
+    twin.set_ylabel("task accuracy")
+    twin.legend(loc="upper right", fontsize=7)
+
+
 def _abs(path: str) -> str:
     import os
 
     return os.path.abspath(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# `raycpt plot SWEEP`: the Pareto front of adaptation vs forgetting
+
+
+def plot_sweep(sweep_uri: str, output: str) -> str:
+    """One PNG: every evaluated trial at (worst forgetting, new-domain loss), the Pareto front
+    joined, the forgetting budget as a vertical line, the best (or closest) trial marked; trials
+    stopped early are hollow (their losses come from fewer steps)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotError("raycpt plot needs matplotlib: pip install 'raycpt[plot]'") from None
+    from raycpt.tune.results import sweep_status
+
+    summary, _ = sweep_status(sweep_uri)
+    rows = [r for r in summary.rows if r.new_loss is not None]
+    if not rows:
+        raise PlotError(f"{sweep_uri}: no trial has an evaluation yet; plot again once trials have run")
+    o = summary.objective
+    scale = 100.0 if o.relative else 1.0
+    fig, ax = plt.subplots(figsize=(8.5, 6))
+    for r in rows:
+        x = scale * (r.forgetting or 0.0)
+        color = "tab:blue" if r.within_budget is None else ("tab:green" if r.within_budget else "tab:red")
+        done = r.status == "done"
+        ax.scatter([x], [r.new_loss], s=140 if r.best or r.closest else 60, marker="*" if r.best else "o",
+                   facecolors=color if done else "none", edgecolors=color, zorder=3)
+        ax.annotate(r.trial_id + (" (job)" if r.baseline else ""), (x, r.new_loss), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    front = sorted((r for r in rows if r.pareto), key=lambda r: r.forgetting or 0.0)
+    if len(front) > 1:
+        ax.plot([scale * (r.forgetting or 0.0) for r in front], [r.new_loss for r in front], color="0.4", lw=1,
+                ls="--", zorder=2, label="Pareto front")
+    if o.kind == "budget":
+        ax.axvline(scale * o.forgetting_budget, color="tab:red", lw=1, ls=":",
+                   label=f"forgetting budget {scale * o.forgetting_budget:g}{'%' if o.relative else ' nats'}")
+    ax.scatter([], [], color="tab:green", label="within budget")
+    if o.kind == "budget":
+        ax.scatter([], [], color="tab:red", label="over budget")
+    ax.scatter([], [], facecolors="none", edgecolors="0.3", label="stopped early")
+    over = " / ".join(o.over)
+    ax.set_xlabel(f"worst forgetting over {over} ({'% of the step-0 loss' if o.relative else 'nats'})")
+    ax.set_ylabel("new-domain held-out loss (nats/token)")
+    best = summary.best or summary.closest
+    note = (f"best: {best.trial_id}" if summary.best else f"none within budget; closest: {best.trial_id}") if best else ""
+    ax.set_title(f"sweep {summary.name}: adaptation vs forgetting  {note}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    storage.write_bytes(output if "://" in output else _abs(output), buf.getvalue())
+    return output

@@ -14,15 +14,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 
 from raycpt.errors import RaycptError
 from raycpt import storage
 from raycpt.checkpoint.dcp import storage_reader
-from raycpt.checkpoint.layout import checkpoint_uri_of
-from raycpt.checkpoint.state import read_train_state
+from raycpt.checkpoint.layout import CheckpointEntry, checkpoint_uri_of
+from raycpt.checkpoint.state import TrainState, read_train_state
 
 
 class ExportError(RaycptError, RuntimeError):
@@ -61,13 +64,24 @@ def resolve_dtype(dtype: str, base: str) -> torch.dtype:
     return base_dtype(base) if dtype == "auto" else getattr(torch, dtype)
 
 
-def export_hf(run_or_checkpoint: str, output: str, base: str | None = None, adapter_dir: str | None = None,
-              dtype: str = "auto") -> str:
-    """Write the checkpoint as an HF folder in `dtype`; a LoRA run's adapters are merged into the
-    weights (and, with `adapter_dir`, also written there as a PEFT adapter folder)."""
+@dataclass
+class LoadedCheckpoint:
+    """A committed checkpoint assembled into a plain CPU model of the base architecture."""
+
+    model: nn.Module
+    entry: CheckpointEntry
+    state: TrainState                   # the checkpoint's train state (config, step, eval history, ...)
+    base: str                           # the HF folder of the architecture and tokenizer
+    lora: Any                           # the run's LoRA config, None for a full-model run
+
+
+def load_checkpoint_model(run_or_checkpoint: str, base: str | None = None) -> LoadedCheckpoint:
+    """Read a run's newest committed checkpoint (or a checkpoint folder) into one process: DCP
+    assembles every rank's shards into full tensors. A LoRA run's model keeps its adapters
+    unmerged (`merge_adapters` folds them in)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from raycpt.model.lora import add_adapters, lora_of, merge_adapters, save_adapter
+    from raycpt.model.lora import add_adapters, lora_of
 
     entry = checkpoint_uri_of(run_or_checkpoint)
     if entry is None:
@@ -76,17 +90,29 @@ def export_hf(run_or_checkpoint: str, output: str, base: str | None = None, adap
     base = base or state.config["model"]["base"]
     if not base or not os.path.exists(os.path.join(base, "config.json")):
         raise ExportError(f"--base: the run's model.base {base!r} is not an HF folder here; pass --base DIR")
-    target = resolve_dtype(dtype, base)
     config = AutoConfig.from_pretrained(base)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     lora = lora_of(state.config)
     if lora is not None:
         add_adapters(model, lora)  # the checkpoint's names: base_layer + lora_A/lora_B
-    elif adapter_dir:
-        raise ExportError(f"--adapter: {run_or_checkpoint} is a full-model run (no model.lora); drop --adapter")
     sd = model.state_dict()
     dcp.load({"model": sd}, storage_reader=storage_reader(entry.uri))
     model.load_state_dict(sd)
+    return LoadedCheckpoint(model, entry, state, base, lora)
+
+
+def export_hf(run_or_checkpoint: str, output: str, base: str | None = None, adapter_dir: str | None = None,
+              dtype: str = "auto") -> str:
+    """Write the checkpoint as an HF folder in `dtype`; a LoRA run's adapters are merged into the
+    weights (and, with `adapter_dir`, also written there as a PEFT adapter folder)."""
+    from raycpt.model.lora import merge_adapters, save_adapter
+
+    loaded = load_checkpoint_model(run_or_checkpoint, base)
+    model, entry, state, base, lora = loaded.model, loaded.entry, loaded.state, loaded.base, loaded.lora
+    target = resolve_dtype(dtype, base)
+    if lora is None and adapter_dir:
+        raise ExportError(f"--adapter: {run_or_checkpoint} is a full-model run (no model.lora); drop --adapter")
+    config = model.config
     if lora is not None:
         if adapter_dir:
             save_adapter(model, lora, adapter_dir, base)

@@ -232,8 +232,9 @@ def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
     storage.configure_storage(opts.s3_endpoint_url)
     if opts.seq_len < 2:
         raise DataError("--seq-len: must be >= 2")
-    if not 0 <= opts.eval_fraction < 1:
-        raise DataError("--eval-fraction: must be in [0, 1)")
+    if not 0 <= opts.eval_fraction <= 1:
+        raise DataError("--eval-fraction: must be in [0, 1] (1: every document held out, an eval-only source "
+                        "for eval.probes)")
     tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer_dir)
     tok_id = tokenizer_identity(tokenizer, os.path.basename(opts.tokenizer_dir.rstrip("/")))
     files = expand_inputs(opts.inputs)
@@ -269,13 +270,15 @@ def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
             [{"path": str(r["path"]), "rows": int(r["rows"])} for r in sel if int(r["rows"]) > 0],
             tokens=sum(int(r["tokens"]) for r in sel), documents=sum(int(r["documents"]) for r in sel),
             dropped_tokens=sum(int(r["dropped"]) for r in sel))
-    if splits["train"]["rows"] == 0:
+    kept = "eval" if opts.eval_fraction >= 1 else "train"  # --eval-fraction 1: a source of held-out rows only
+    if splits[kept]["rows"] == 0:
         raise DataError(f"--input {' '.join(opts.inputs)}: produced no full row of {opts.seq_len} tokens "
                         "(empty or too little text); add text or lower --seq-len")
     manifest = write_manifest(  # last: marks the dataset complete
         opts.output, seq_len=opts.seq_len, rows_per_row_group=opts.rows_per_row_group, tokenizer=tok_id,
         train=splits["train"], eval=splits["eval"], input_fingerprint=fingerprint, source_files=[u for u, _ in files],
-        command=" ".join(["raycpt", "prepare", *sys.argv[2:]]) if sys.argv[1:2] == ["prepare"] else None)
+        command=" ".join(["raycpt", "prepare", *sys.argv[2:]]) if sys.argv[1:2] == ["prepare"] else None,
+        eval_only=opts.eval_fraction >= 1)
     log(f"prepare: {splits['train']['rows']} train rows, {splits['eval']['rows']} eval rows, "
         f"{manifest['tokens']:,} tokens from {manifest['documents']} documents")
     return manifest

@@ -94,15 +94,21 @@ class MetricsLog:
         self._scalars(scalars, step)
 
     def eval(self, record: dict[str, Any]) -> None:
-        """One eval record: {step, loss: {domain: loss}, forgetting: {replay domain: delta}}."""
+        """One eval record (raycpt/train/evaluate.py): per source and probe eval/<name>/loss,
+        perplexity, forgetting and relative_forgetting; per task task/<name>/acc and acc_norm."""
         if not self.active:
             return
         scalars: dict[str, float] = {}
-        for name, loss in record["loss"].items():
+        for name, loss in {**record["loss"], **record.get("probe_loss", {})}.items():
             scalars[f"eval/{name}/loss"] = loss
             scalars[f"eval/{name}/perplexity"] = math.exp(min(loss, 50.0))
-        for name, delta in record.get("forgetting", {}).items():
+        for name, delta in {**record.get("forgetting", {}), **record.get("probe_forgetting", {})}.items():
             scalars[f"eval/{name}/forgetting"] = delta
+        for name, share in record.get("relative_forgetting", {}).items():
+            scalars[f"eval/{name}/relative_forgetting"] = share
+        for name, t in record.get("tasks", {}).items():
+            scalars[f"task/{name}/acc"] = t["acc"]
+            scalars[f"task/{name}/acc_norm"] = t["acc_norm"]
         self._scalars(scalars, int(record["step"]))
         self.flush()
 

@@ -22,7 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from raycpt import storage
 from raycpt.config import parse_job
 from raycpt.tune.config import ObjectiveSection, TuneSection, trial_tree
-from raycpt.tune.objective import score_report
+from raycpt.tune.objective import objective_roles, score_report
 from raycpt.placement import RegisterPlacementGroups
 
 
@@ -59,7 +59,7 @@ def run_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     job = parse_job(trial_tree(spec["job"], tune, values, trial_run_name(trial_id), spec["runs_uri"]))
     storage.configure_storage(job.run.s3_endpoint_url)
-    roles = {s.name: s.role for s in job.data.sources}
+    roles = objective_roles(job)  # sources and probes
     callbacks = [TrialReportCallback(roles, tune.objective.model_dump()),
                  RegisterPlacementGroups(spec["registry"], trial_id)]
     # A failed Train run raises here, so Tune marks the trial errored and may restart it.
