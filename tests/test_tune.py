@@ -83,7 +83,7 @@ def test_sweep_section_loads_with_defaults_and_nested_keys(tmp_path):
     job, tune = parse_sweep(_tree(tmp_path, space={"optim": {"peak_lr": {"loguniform": [1e-5, 1e-2]}},
                                                     "data.replay_ratio": {"grid": [0.1, 0.3]}}), tmp_path)
     assert list(tune.space) == ["optim.peak_lr", "data.replay_ratio"]
-    assert tune.name == "tiny-sweep" and tune.seed == 0 and tune.scheduler.kind == "asha"
+    assert tune.name == "tiny-sweep" and tune.seed == 0 and tune.scheduler.kind == "auto"
     assert job.run.name == "tiny"
     # `raycpt train` reads the same file and ignores the section.
     path = tmp_path / "sweep.yaml"
@@ -93,7 +93,7 @@ def test_sweep_section_loads_with_defaults_and_nested_keys(tmp_path):
 
 
 def test_sweep_section_errors_name_the_key(tmp_path):
-    bad = _tree(tmp_path, num_samples=0, scheduler={"kind": "hyperband"},
+    bad = _tree(tmp_path, num_samples=0, scheduler={"kind": "bohb"},
                 space={"optim.peak_lr": {"loguniform": [0, 1e-3]}, "data.replay_ratio": {"uniform": [0.1, 0.2],
                                                                                          "grid": [0.1]}})
     with pytest.raises(ConfigError) as e:
@@ -119,7 +119,7 @@ def test_sweep_section_errors_name_the_key(tmp_path):
 
     no_eval = _tree(tmp_path)
     no_eval["eval"].pop("interval_steps")
-    with pytest.raises(ConfigError, match=r"eval.interval_steps: early stopping \(asha\) needs evaluations"):
+    with pytest.raises(ConfigError, match=r"eval.interval_steps: early stopping \(auto\) needs evaluations"):
         parse_sweep(no_eval, tmp_path)
 
 

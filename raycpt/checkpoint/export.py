@@ -45,25 +45,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
-def base_dtype(base: str) -> torch.dtype:
-    """The dtype the base model's config.json names (`dtype`, or `torch_dtype` before transformers
-    5); float32 when it names none."""
-    with open(os.path.join(base, "config.json")) as f:
-        cfg = json.load(f)
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or dtype not in LOGITS_RTOL:
-        raise ExportError(f"--dtype auto: {base}/config.json names dtype {name!r}, which raycpt does not export; "
-                          f"pass --dtype {'|'.join(EXPORT_DTYPES[1:])}")
-    return dtype
-
-
-def resolve_dtype(dtype: str, base: str) -> torch.dtype:
-    if dtype not in EXPORT_DTYPES:
-        raise ExportError(f"--dtype {dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
-    return base_dtype(base) if dtype == "auto" else getattr(torch, dtype)
-
-
 @dataclass
 class LoadedCheckpoint:
     """A committed checkpoint assembled into a plain CPU model of the base architecture."""
@@ -101,6 +82,25 @@ def load_checkpoint_model(run_or_checkpoint: str, base: str | None = None) -> Lo
     return LoadedCheckpoint(model, entry, state, base, lora)
 
 
+def base_dtype(base: str) -> torch.dtype:
+    """The dtype the base model's config.json names (`dtype`, or `torch_dtype` before transformers
+    5); float32 when it names none."""
+    with open(os.path.join(base, "config.json")) as f:
+        cfg = json.load(f)
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or dtype not in LOGITS_RTOL:
+        raise ExportError(f"--dtype auto: {base}/config.json names dtype {name!r}, which raycpt does not export; "
+                          f"pass --dtype {'|'.join(EXPORT_DTYPES[1:])}")
+    return dtype
+
+
+def resolve_dtype(dtype: str, base: str) -> torch.dtype:
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype {dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
+    return base_dtype(base) if dtype == "auto" else getattr(torch, dtype)
+
+
 def export_hf(run_or_checkpoint: str, output: str, base: str | None = None, adapter_dir: str | None = None,
               dtype: str = "auto") -> str:
     """Write the checkpoint as an HF folder in `dtype`; a LoRA run's adapters are merged into the
@@ -109,9 +109,9 @@ def export_hf(run_or_checkpoint: str, output: str, base: str | None = None, adap
 
     loaded = load_checkpoint_model(run_or_checkpoint, base)
     model, entry, state, base, lora = loaded.model, loaded.entry, loaded.state, loaded.base, loaded.lora
-    target = resolve_dtype(dtype, base)
     if lora is None and adapter_dir:
         raise ExportError(f"--adapter: {run_or_checkpoint} is a full-model run (no model.lora); drop --adapter")
+    target = resolve_dtype(dtype, base)
     config = model.config
     if lora is not None:
         if adapter_dir:

@@ -136,7 +136,8 @@ def run_worker(config: dict[str, Any]) -> None:
         stop_now = False
         if step % job.train.preemption_poll_steps == 0 or step == job.train.max_steps:
             stop_now = stop.poll(w.agree) and step < job.train.max_steps
-        if step % job.checkpoint.interval_steps == 0 or step == job.train.max_steps or stop_now:
+        if (step % job.checkpoint.interval_steps == 0 or stop_now
+                or (step == job.train.max_steps and job.checkpoint.final_save)):
             if stop_now:
                 stop.set("another worker's stop request")
             save(stop.reason or ("final" if step == job.train.max_steps else "interval"))
@@ -208,7 +209,7 @@ def build_model(job: JobConfig, w: Worker, decision: StartDecision, model_config
         activation_checkpointing=job.model.activation_checkpointing, compile_blocks=job.model.compile,
         # `random_weights` (raycpt bench train): the shape's architecture, no weights to read.
         weights_from=job.model.base if decision.kind == "fresh_base" and not hooks.random_weights else None,
-        prepare=partial_training(job.model),
+        prepare=partial_training(job.model), single_worker=job.model.single_worker,
     )
     if decision.kind == "fresh_run":
         check_init_run(decision.train_state.config, job.model)

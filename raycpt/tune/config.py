@@ -72,20 +72,26 @@ class ParamSpace(_Section):
 
 
 class SchedulerSection(_Section):
-    kind: Literal["asha", "median", "fifo"] = Field(
-        "asha",
-        description="asha: asynchronous successive halving (stops the worse trials at each rung); "
-        "median: stop a trial whose objective is worse than the median of the others at the same "
-        "step; fifo: no early stopping, every trial runs its full budget.",
+    kind: Literal["auto", "hyperband", "asha", "median", "fifo"] = Field(
+        "auto",
+        description="hyperband: synchronous successive halving (one HyperBand bracket over every trial: "
+        "trials are judged at each rung only once all have reached it, the best 1/factor go on); "
+        "asha: asynchronous successive halving (judges each trial against those already at its rung: "
+        "good when many run at once); median: stop a trial worse than the median of the others at the "
+        "same step; fifo: no early stopping. auto: hyperband unless at least "
+        "async_min_concurrent_trials run at once and the sweep has reduction_factor times more trials "
+        "than that, then asha (docs/deploying.md, Sweeps).",
     )
     grace_period_steps: int | None = Field(
-        None, gt=0, description="Steps every trial trains before it can be stopped (first ASHA rung); "
+        None, gt=0, description="Steps every trial trains before it can be stopped (the first rung); "
         "default: eval.interval_steps.")
     reduction_factor: float = Field(
-        2.0, gt=1, description="asha: rungs at grace_period x factor^k steps; at each rung about "
+        2.0, gt=1, description="hyperband/asha: rungs at grace_period x factor^k steps; at each rung about "
         "1/factor of the trials go on.")
     min_samples_required: int = Field(
         2, ge=1, description="median: trials that must have reached a step before the rule stops any.")
+    async_min_concurrent_trials: int = Field(
+        8, ge=1, description="auto: the concurrency from which ASHA is chosen over synchronous halving.")
 
 
 class ObjectiveSection(_Section):
@@ -163,6 +169,14 @@ class TuneSection(_Section):
         description="Ray resources of each trial's driver (the Tune trial that starts its Ray Train "
         "run and waits); the training workers reserve their own from the scaling section. Give it a "
         "custom resource of an on-demand node to keep drivers off spot nodes.")
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random: Tune's random draws (grid keys enumerated); grid: every combination of "
+        "grid/choice keys, num_samples times; optuna: Optuna's TPE proposes each trial from the results so far "
+        "(pip install 'raycpt[tune]').")
+    gpus_per_trial: float | None = Field(
+        None, gt=0, le=1, description="Share of one GPU each trial's training worker reserves (scaling.use_gpu, "
+        "one worker per trial), e.g. 0.25: 4 trials a GPU. Checked before the sweep starts against the "
+        "model's training memory. Default: one GPU per worker.")
     max_trial_failures: int = Field(
         2, ge=0, description="Restarts of a failed trial (each resumes from its own newest checkpoint).")
     trial_keep_last: int = Field(
@@ -292,6 +306,7 @@ def parse_sweep(tree: dict[str, Any], base_dir: str | Path) -> tuple[JobConfig, 
         if grace is not None and grace >= steps:
             problems.append(f"tune.scheduler.grace_period_steps: {grace} leaves no room to stop a trial of {steps} "
                             "steps; make it smaller than tune.max_steps_per_trial")
+    problems += resource_and_search_problems(job, tune)
     roles = {s.role for s in job.data.sources}
     if "new" not in roles:
         problems.append("data.sources[*].role: the sweep objective needs a source with role: new")
@@ -308,6 +323,33 @@ def parse_sweep(tree: dict[str, Any], base_dir: str | Path) -> tuple[JobConfig, 
     if tune.seed is None:
         tune = tune.model_copy(update={"seed": job.run.seed})
     return job, tune
+
+
+def resource_and_search_problems(job: JobConfig, tune: TuneSection) -> list[str]:
+    """What is wrong with the sweep's GPU share and search for this job (the share's memory is
+    checked later, on the cluster: raycpt/tune/resources.py)."""
+    problems = []
+    if tune.gpus_per_trial is not None:
+        if not job.scaling.use_gpu:
+            problems.append("tune.gpus_per_trial: needs scaling.use_gpu=true (CPU trials share through "
+                            "scaling.cpus_per_worker, which may be fractional)")
+        if job.worker_range() != (1, 1):
+            problems.append(f"tune.gpus_per_trial: {tune.gpus_per_trial:g} needs scaling.num_workers=1 (NCCL cannot "
+                            "put two ranks of one run on one GPU; got scaling.num_workers="
+                            f"{job.scaling.num_workers})")
+    if tune.search == "grid":
+        for key, spec in tune.space.items():
+            if spec.kind in ("loguniform", "uniform"):
+                problems.append(f"tune.space.{key}: tune.search=grid needs grid or choice values (got {spec.kind})")
+    if tune.search == "optuna":
+        for key, spec in tune.space.items():
+            if spec.kind == "grid":
+                problems.append(f"tune.space.{key}: tune.search=optuna draws every key; use choice instead of grid")
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            problems.append("tune.search: optuna is not installed; pip install 'raycpt[tune]' (or optuna)")
+    return problems
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[JobConfig, TuneSection]:
