@@ -65,14 +65,19 @@ def compare_panels(runs: dict[str, tuple[list[dict[str, Any]], list[dict[str, An
     for _, evals in runs.values():
         for record in evals:
             series.update(dict.fromkeys(eval_series(record)))
+    # Losses first, then what is derived from them (eval.json's keys are sorted alphabetically).
+    order = {head: i for i, head in enumerate(("loss", "probe_loss", "forgetting", "relative_forgetting"))}
+    ranked = sorted(series, key=lambda s: (order.get(s.split("/", 1)[0], len(order)), list(series).index(s)))
     has_train = any(train for train, _ in runs.values())
-    return (["train/loss"] if has_train else []) + [f"eval/{s}" for s in series] + (["train/lr"] if has_train else [])
+    return (["train/loss"] if has_train else []) + [f"eval/{s}" for s in ranked] + (["train/lr"] if has_train else [])
 
 
 def plot_runs(run_uris: list[str], output: str) -> str:
     """One PNG overlaying runs: a panel per series (train loss, every eval series of eval.json:
     per-domain loss, forgetting, probes, tasks; LR), one colour per run. Returns `output`."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     runs = {}
     for uri in run_uris:
         train, evals = read_train_log(uri), read_eval_history(uri)
@@ -97,6 +102,7 @@ def plot_runs(run_uris: list[str], output: str) -> str:
                         marker="o" if kind == "eval" else None, ms=3, label=run_label(uri))
         ax.set_title(_panel_title(panel), fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if name == "lr":

@@ -46,8 +46,8 @@ def test_plot_of_two_runs_overlays_them_with_a_panel_per_series(tmp_path):
     replay = write_run(tmp_path / "demo", 0.25, probes=True)
     plain = write_run(tmp_path / "demo-no-replay", 0.0, probes=False)
     runs = {u: (read_train_log(u), read_eval_history(u)) for u in (replay, plain)}
-    assert compare_panels(runs) == ["train/loss", "eval/loss/code", "eval/loss/english", "eval/forgetting/english",
-                                    "eval/probe_loss/wiki", "eval/tasks/arc/acc_norm", "train/lr"]
+    assert compare_panels(runs) == ["train/loss", "eval/loss/code", "eval/loss/english", "eval/probe_loss/wiki",
+                                    "eval/forgetting/english", "eval/tasks/arc/acc_norm", "train/lr"]
     png = tmp_path / "compare.png"
     assert main(["plot", replay, plain, "--output", str(png)]) == 0
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 30_000
