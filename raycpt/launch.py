@@ -28,11 +28,14 @@ def connect_ray(min_cpus: float = 0, address: str | None = None, preload_modules
     `preload_python_modules`; on a cluster, set RAY_preload_python_modules on `ray start`)."""
     import ray
 
+    from raycpt.logs import route_ray_output
+
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        route_ray_output()  # Ray's own lines to its session's logs folder (raycpt/logs.py)
         return
     # Reader and prepare tasks are I/O bound: give the local node a few logical CPUs more than
     # the training workers hold so they always fit beside them.
@@ -42,6 +45,7 @@ def connect_ray(min_cpus: float = 0, address: str | None = None, preload_modules
     # call starts; credentials are never put in a runtime_env, which Ray shows in its dashboard.
     system_config = {"preload_python_modules": list(preload_modules)} if preload_modules else None
     ray.init(address="local", num_cpus=cpus, log_to_driver=True, _system_config=system_config)
+    route_ray_output()
 
 
 def ray_storage(job: JobConfig) -> tuple[str, Any]:
@@ -140,12 +144,14 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
     import ray.train
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from raycpt.logs import route_ray_logs_to_run
     from raycpt.placement import PlacementGroupRegistry, RegisterPlacementGroups, registry_name
 
     storage.configure_storage(job.run.s3_endpoint_url)
     print(f"raycpt: {preflight(job)}", flush=True)
     lo, hi = job.worker_range()
     connect_ray(min_cpus=hi * job.scaling.cpus_per_worker, address=address)
+    route_ray_logs_to_run(job.run_uri)
     name = registry_name(f"run-{job.run.name}-{uuid.uuid4().hex[:8]}")
     # On the driver's node: a registry on a spot worker node would go with that node.
     registry = PlacementGroupRegistry.options(name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(

@@ -8,7 +8,7 @@
       max_concurrent_trials: 2
       max_steps_per_trial: 24                   # every trial's train.max_steps
       scheduler: {kind: asha, grace_period_steps: 8, reduction_factor: 2}
-      objective: {forgetting_tolerance: 0.05, forgetting_penalty: 10}
+      objective: {forgetting_budget: 0.03, relative: true, over: [probes, replay]}
 
 Every searched value becomes a dotted override of the job (the one config mechanism), so a key
 can be searched exactly when `raycpt train JOB key=value` accepts it; that is checked when the
@@ -95,18 +95,48 @@ class SchedulerSection(_Section):
 
 
 class ObjectiveSection(_Section):
-    """objective = new_loss + forgetting_penalty * max(0, forgetting - forgetting_tolerance)
+    """What a sweep minimises (raycpt/tune/objective.py has the formulas):
 
-    new_loss is the mean held-out loss of the `role: new` sources; forgetting is the rise of the
-    held-out loss of the `role: replay` sources since step 0 (their max, or mean), in nats."""
+    kind: budget   minimise new_loss subject to forgetting <= forgetting_budget; a trial over
+                   the budget ranks after every trial within it (objective = 1000 + excess)
+    kind: penalty  new_loss + forgetting_penalty * max(0, forgetting - forgetting_tolerance)
 
+    new_loss is the mean held-out loss of the `role: new` sources; forgetting is the rise since
+    step 0 of the loss of each set named in `over` (replay sources' held-out rows, probes), in
+    nats or (`relative: true`) as a fraction of the step-0 loss; sets combine by `forgetting`."""
+
+    kind: Literal["budget", "penalty"] | None = Field(
+        None, description="budget: constrained (needs forgetting_budget); penalty: the soft form. "
+        "Default: budget when forgetting_budget is set, else penalty.")
+    forgetting_budget: float | None = Field(
+        None, ge=0, description="kind budget: the most forgetting a trial may show to count, e.g. 0.03 "
+        "(with relative: true, 3% above the step-0 loss).")
+    relative: bool = Field(
+        False, description="Measure forgetting as (loss - step-0 loss) / step-0 loss instead of in nats; "
+        "budget and tolerance are then fractions.")
+    over: list[Literal["probes", "replay"]] = Field(
+        default_factory=lambda: ["probes", "replay"], min_length=1,
+        description="Which sets forgetting is measured on: eval.probes and/or the held-out rows of the "
+        "role: replay sources (replayed text always looks unforgotten; probes do not).")
     forgetting_tolerance: float = Field(
-        0.05, ge=0, description="Nats the old-domain (replay) loss may rise before the penalty applies.")
+        0.05, ge=0, description="kind penalty: forgetting allowed before the penalty applies.")
     forgetting_penalty: float = Field(
-        10.0, ge=0, description="Objective added per nat of old-domain loss rise above the tolerance "
+        10.0, ge=0, description="kind penalty: objective added per unit of forgetting above the tolerance "
         "(0: optimise the new domain alone).")
     forgetting: Literal["max", "mean"] = Field(
-        "max", description="How several replay sources combine: the worst one, or their mean.")
+        "max", description="How several sets combine: the worst one, or their mean.")
+
+    @model_validator(mode="after")
+    def _kind(self) -> "ObjectiveSection":
+        if self.kind is None:
+            self.kind = "budget" if self.forgetting_budget is not None else "penalty"
+        if self.kind == "budget" and self.forgetting_budget is None:
+            raise ValueError("kind budget needs forgetting_budget, e.g. forgetting_budget: 0.03")
+        return self
+
+    @property
+    def uses_forgetting(self) -> bool:
+        return self.kind == "budget" or self.forgetting_penalty > 0
 
 
 class TuneSection(_Section):
@@ -178,6 +208,17 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
         node = node[part]
     node[parts[-1]] = copy.deepcopy(value)
     return tree
+
+
+def get_dotted(tree: dict[str, Any], key: str) -> Any:
+    """The value at `key` (a.b[0].c) of a plain tree, None where a part is missing."""
+    node: Any = tree
+    for part in split_dotted(key):
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return copy.deepcopy(node)
 
 
 def _section_errors(e: ValidationError, prefix: str) -> list[str]:
@@ -269,9 +310,12 @@ def parse_sweep(tree: dict[str, Any], base_dir: str | Path) -> tuple[JobConfig, 
     roles = {s.role for s in job.data.sources}
     if "new" not in roles:
         problems.append("data.sources[*].role: the sweep objective needs a source with role: new")
-    if tune.objective.forgetting_penalty > 0 and "replay" not in roles:
-        problems.append("tune.objective.forgetting_penalty: no source has role: replay to measure forgetting; "
-                        "mark one, or set tune.objective.forgetting_penalty=0")
+    obj = tune.objective
+    measured = (["replay"] if "replay" in obj.over and "replay" in roles else []) \
+        + (["probes"] if "probes" in obj.over and job.eval.probes else [])
+    if obj.uses_forgetting and not measured:
+        problems.append(f"tune.objective.over: {obj.over} names no set this job evaluates (no role: replay "
+                        "source, no eval.probes); add one, or set tune.objective.forgetting_penalty=0")
     if problems:
         raise ConfigError("invalid sweep config:\n  " + "\n  ".join(problems))
     if tune.name is None:

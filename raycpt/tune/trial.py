@@ -36,7 +36,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from raycpt import storage
 from raycpt.config import parse_job
 from raycpt.tune.config import ObjectiveSection, TuneSection, trial_tree
-from raycpt.tune.objective import score_report
+from raycpt.tune.objective import objective_roles, score_report
 from raycpt.placement import RegisterPlacementGroups
 
 
@@ -109,7 +109,7 @@ def run_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     timeline = mark_trial_start(loop_options.pop("timeline_dir", None), trial_id)
     if timeline:
         loop_options["timeline_file"] = timeline
-    roles = {s.name: s.role for s in job.data.sources}
+    roles = objective_roles(job)  # sources and probes
     callbacks = [TrialReportCallback(roles, tune.objective.model_dump(), hold_steps=rungs),
                  RegisterPlacementGroups(spec["registry"], trial_id)]
     # A failed Train run raises here, so Tune marks the trial errored and may restart it.

@@ -99,6 +99,8 @@ def prepare_inputs(o: TuneBenchOptions, log=print) -> tuple[str, str, str]:
     )
 
     base = o.base or ensure_base_model(os.path.join(o.workdir, "models", "smollm2-135m"))
+    if any(ov.startswith("data.sources=") for ov in o.overrides):
+        return base, "", ""  # the user's own prepared sources replace the bench's corpora
     stdlib = sysconfig.get_paths()["stdlib"]
     tag = f"{os.path.basename(base.rstrip('/'))}-{o.seq_len}"
     code = os.path.join(o.workdir, "data", f"python-stdlib-{tag}")
