@@ -68,6 +68,12 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[t
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def allow_key(key: str) -> str:
+    """The narrowest `resume.allow_changes` entry that admits a change of `key`: its resume-critical
+    key (`data.sources[0].path` -> `data.sources`, not `data`)."""
+    return next((c for c in RESUME_CRITICAL if key == c or key.startswith((c + ".", c + "["))), key)
+
+
 def _allowed(key: str, allow: list[str]) -> bool:
     return any(key == p or key.startswith(p + ".") or key.startswith(p + "[") for p in allow)
 
@@ -89,7 +95,7 @@ def check_resume_config(saved: dict[str, Any], job: JobConfig) -> list[str]:
     blocked = [d for d in diffs if not _allowed(d[0], job.resume.allow_changes)]
     if blocked:
         lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, old, new in blocked)
-        keys = sorted({k.split("[")[0].rsplit(".", 1)[0] if "[" in k else k for k, _, _ in blocked})
+        keys = sorted({allow_key(k) for k, _, _ in blocked})
         raise ResumeError(
             f"run {job.run.name}: the config changed since its last checkpoint:\n{lines}\n"
             f"Revert the change, use another run.name, or mark it intended with "

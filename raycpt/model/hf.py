@@ -136,13 +136,35 @@ def load_base_weights(model: nn.Module, folder: str) -> None:
         raise ModelError(f"model.base: {folder} lacks weights for {missing[:5]} ({len(missing)} in all)")
 
 
+_GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(gguf_file: str) -> None:
+    """A GGUF file starts with the bytes GGUF; anything else is refused before transformers reads it."""
+    if not os.path.exists(gguf_file):
+        raise ModelError(f"{gguf_file}: no such file; give the path of a .gguf model file")
+    if os.path.isdir(gguf_file):
+        raise ModelError(f"{gguf_file}: is a folder; give the .gguf file inside it")
+    with open(gguf_file, "rb") as f:
+        magic = f.read(4)
+    if magic != _GGUF_MAGIC:
+        raise ModelError(f"{gguf_file}: not a GGUF file (it does not start with {_GGUF_MAGIC!r}); "
+                         "give a .gguf model file (an HF folder needs no import: use it as model.base)")
+
+
 def import_gguf(gguf_file: str, output: str) -> str:
     """Write an HF folder (safetensors, config, tokenizer) from a GGUF file, dequantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_file(gguf_file)
     folder, name = os.path.split(os.path.abspath(gguf_file))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, EOFError, IndexError) as e:
+        # The gguf reader fails on a cut-off file with whatever numpy says about the short buffer.
+        raise ModelError(f"{gguf_file}: not a readable GGUF model ({type(e).__name__}: {str(e)[:200]}); "
+                         "the file may be truncated: download it again") from None
     config = model.config
     # A GGUF-loaded config carries the quantization that was undone; the saved folder is plain.
     cfg_dict = config.to_dict()

@@ -1,0 +1,148 @@
+"""Bad input, through the real CLI in a subprocess: every case ends in exit 2 with one paragraph that
+names the key or file (and no traceback); checks the driver can make fail before Ray starts.
+
+Most cases never start Ray. The cases that need a model, shards or a checkpoint share the session
+fixtures of conftest.py (one tiny model, two prepared sources, one trained run).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# Driver-side checks fail in well under this (0.3-3 s alone); Ray and its workers take 20-70 s to get
+# as far. Generous, for a shared 2-core CI machine.
+EARLY_S = 20
+RAY_SESSIONS = os.path.join(tempfile.gettempdir(), "ray", "session_*")
+
+
+@dataclass
+class Outcome:
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float
+    new_ray_sessions: set[str]
+
+
+def raycpt(*args: str, timeout_s: float = 120, env: dict[str, str] | None = None) -> Outcome:
+    """Run `python -m raycpt.cli ARGS` as a user would; note any Ray session it started."""
+    before = set(glob.glob(RAY_SESSIONS))
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "raycpt.cli", *args], capture_output=True, text=True,
+                       timeout=timeout_s, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "", **(env or {})})
+    return Outcome(p.returncode, p.stdout, p.stderr, time.monotonic() - t0, set(glob.glob(RAY_SESSIONS)) - before)
+
+
+def assert_clean(out: Outcome, *named: str, before_ray_s: float | None = None) -> None:
+    """Exit 2, one paragraph on stderr naming every string in `named`, no traceback; with
+    `before_ray_s`, failed within that many seconds and started no Ray."""
+    text = out.stderr
+    assert out.rc == 2, f"exit {out.rc}\n{text[-3000:]}"
+    assert "Traceback" not in text and "Traceback" not in out.stdout, text[-3000:]
+    for s in named:
+        assert s in text, f"{s!r} not named in:\n{text[-3000:]}"
+    if before_ray_s is not None:
+        assert out.seconds < before_ray_s, f"took {out.seconds:.1f}s"
+        assert not out.new_ray_sessions, f"started Ray: {out.new_ray_sessions}"
+
+
+def write_yaml(path: Path, tree: dict) -> str:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return str(path)
+
+
+# ---- config files and overrides: `raycpt schedule` loads a job exactly as train does, Ray-free ----
+
+def config_only_job(tmp_path: Path) -> str:
+    return write_yaml(tmp_path / "job.yaml", {
+        "run": {"name": "r1", "storage": str(tmp_path / "runs")}, "model": {"base": str(tmp_path / "base")},
+        "data": {"seq_len": 16, "sources": [{"name": "a", "path": str(tmp_path / "a"), "weight": 1}]},
+        "train": {"global_batch_size": 8, "max_steps": 10}, "optim": {"peak_lr": 1e-4},
+        "checkpoint": {"interval_steps": 5}})
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.max_steps=[6", ["train.max_steps=[6", "not valid YAML"]),
+    ("train.max_steps.x=1", ["train.max_steps.x", "not a section"]),
+    ("data.seq_len[0]=4", ["data.seq_len[0]", "not a list"]),
+    ("train.max_steps", ["train.max_steps", "key=value"]),
+])
+def test_bad_override_is_named(tmp_path, override, named):
+    assert_clean(raycpt("schedule", config_only_job(tmp_path), override), *named, before_ray_s=EARLY_S)
+
+
+def test_duplicate_yaml_key_is_refused_naming_the_lines(tmp_path):
+    job = Path(config_only_job(tmp_path))
+    job.write_text(job.read_text() + "train:\n  max_steps: 3\n  global_batch_size: 8\n")
+    out = raycpt("schedule", str(job))
+    assert_clean(out, str(job), "'train' appears twice", "line", before_ray_s=EARLY_S)
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda d: str(d), ["folder"]),
+    (lambda d: str(d / "nope.yaml"), ["nope.yaml", "no such job YAML"]),
+    (lambda d: shutil.copy(sys.executable, d / "python.yaml"), ["python.yaml", "not a text file"]),
+    (lambda d: (d / "broken.yaml").write_text("run: {name: [\n") and str(d / "broken.yaml"),
+     ["broken.yaml", "not valid YAML", "line 2"]),
+])
+@pytest.mark.parametrize("command", ["train", "status"])
+def test_job_path_that_is_no_job_yaml(tmp_path, make, named, command):
+    path = str(make(tmp_path))
+    assert_clean(raycpt(command, path), path, *named, before_ray_s=EARLY_S)
+
+
+def test_status_of_a_missing_run_folder_says_so(tmp_path):
+    assert_clean(raycpt("status", str(tmp_path / "no-such-run")), "no-such-run", "no such run folder",
+                 before_ray_s=EARLY_S)
+
+
+# ---- other commands' arguments --------------------------------------------------------------
+
+def test_export_onto_a_file(tmp_path):
+    (tmp_path / "out.txt").write_text("x")
+    assert_clean(raycpt("export", str(tmp_path), "--output", str(tmp_path / "out.txt")), "--output", "out.txt",
+                 before_ray_s=EARLY_S)
+
+
+def test_bench_checkpoint_unknown_shape(tmp_path):
+    assert_clean(raycpt("bench", "checkpoint", "--shape", "llama-70x", "--storage", str(tmp_path)), "--shape",
+                 "llama-70x", "smollm2-135m", before_ray_s=EARLY_S)
+
+
+def _truncated_gguf(d: Path) -> str:
+    from conftest import smollm2_dir
+
+    src = sorted(glob.glob(os.path.join(smollm2_dir(), "*.gguf")))[0]
+    with open(src, "rb") as f:
+        (d / "cut.gguf").write_bytes(f.read(2 << 20))
+    return str(d / "cut.gguf")
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda d: str(d / "missing.gguf"), ["missing.gguf", "no such file"]),
+    (lambda d: (d / "notes.gguf").write_text("hello") and str(d / "notes.gguf"), ["notes.gguf", "not a GGUF"]),
+    (_truncated_gguf, ["cut.gguf", "truncated"]),
+])
+def test_import_of_no_gguf(tmp_path, make, named):
+    out = raycpt("import", make(tmp_path), "--output", str(tmp_path / "hf"))
+    assert_clean(out, *named, before_ray_s=EARLY_S)
+    assert not (tmp_path / "hf" / "config.json").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = raycpt("--debug", "schedule", config_only_job(tmp_path), "train.max_steps=[6")
+    assert out.rc == 1 and "Traceback" in out.stderr and "ConfigError" in out.stderr
