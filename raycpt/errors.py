@@ -30,9 +30,12 @@ def find_raycpt_error(e: BaseException | None, _depth: int = 0) -> RaycptError |
     inner: list[BaseException | None] = [getattr(e, "cause", None)]
     inner.append(getattr(e, "_base_exc", None))  # Ray Train's UserExceptionWithTraceback
     inner.append(getattr(e, "controller_failure", None))  # Ray Train's ControllerError
-    failures = getattr(e, "worker_failures", None)  # Ray Train's WorkerGroupError: rank -> error
-    if isinstance(failures, dict):
-        inner.extend(failures[k] for k in sorted(failures))
+    for attr in ("worker_failures", "failures"):  # Ray Train's WorkerGroupError, DCP's CheckpointException
+        failures = getattr(e, attr, None)  # rank -> error (DCP: rank -> (error, traceback))
+        if isinstance(failures, dict):
+            for k in sorted(failures):
+                f = failures[k]
+                inner.append(f[0] if isinstance(f, tuple) and f else f)
     inner += [e.__cause__, None if e.__suppress_context__ else e.__context__]
     for sub in inner:
         if isinstance(sub, BaseException) and sub is not e:

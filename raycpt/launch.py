@@ -96,28 +96,11 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
     )
 
 
-def preflight(job: JobConfig) -> str:
-    """What can be known before any worker starts: the start decision, a refused config change,
-    shards that do not fit the model. Raises with the key to fix; returns the start message."""
-    import os
+def preflight(job: JobConfig, address: str | None = None) -> str:
+    """Checks on the driver before Ray starts (raycpt/preflight.py); returns the start message."""
+    from raycpt.preflight import check_job
 
-    from raycpt.checkpoint.resume import check_resume_config, decide_start
-    from raycpt.data.manifest import tokenizer_identity
-    from raycpt.data.stream import read_manifests
-    from raycpt.data.verify import check_data_fits_model
-    from raycpt.model.hf import load_config, load_tokenizer
-
-    storage.check_reachable(job.run.storage, "run.storage")
-    for i, src in enumerate(job.data.sources):
-        storage.check_reachable(src.path, f"data.sources[{i}].path")
-    decision = decide_start(job)
-    if decision.kind == "resume":
-        check_resume_config(decision.train_state["config"], job)
-    if job.model.base and os.path.isdir(job.model.base):  # on a cluster the folder may live on workers only
-        config = load_config(job.model.base)
-        tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))
-        check_data_fits_model(job, read_manifests(job), tok_id, config.vocab_size, read_footers=True)
-    return decision.message
+    return check_job(job, joins_cluster=bool(address or os.environ.get("RAY_ADDRESS")))
 
 
 def train(job: JobConfig, address: str | None = None, loop_options: dict[str, Any] | None = None):
@@ -130,7 +113,7 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
     from raycpt.placement import PlacementGroupRegistry, RegisterPlacementGroups, registry_name
 
     storage.configure_storage(job.run.s3_endpoint_url)
-    print(f"raycpt: {preflight(job)}", flush=True)
+    print(f"raycpt: {preflight(job, address)}", flush=True)
     lo, hi = job.worker_range()
     connect_ray(min_cpus=hi * job.scaling.cpus_per_worker, address=address)
     name = registry_name(f"run-{job.run.name}-{uuid.uuid4().hex[:8]}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from raycpt import storage
-from raycpt.checkpoint.layout import TRAIN_STATE, list_checkpoints
+from raycpt.checkpoint.integrity import read_train_state
+from raycpt.checkpoint.layout import list_checkpoints
 
 
 def run_status(run_uri: str) -> dict[str, Any]:
@@ -19,7 +20,7 @@ def run_status(run_uri: str) -> dict[str, Any]:
     starts_uri = storage.join(run_uri, "metrics", "starts")
     st["starts"] = [storage.read_json(storage.join(starts_uri, n)) for n in storage.list_dir(starts_uri)]
     if committed:
-        ts = storage.read_json(storage.join(committed[-1].uri, TRAIN_STATE))
+        ts = read_train_state(committed[-1].uri)  # a broken file is named, not a traceback
         st.update(latest_step=ts["step"], max_steps=ts["config"]["train"]["max_steps"],
                   tokens_per_source=ts["tokens_per_source"], world_size=ts["world_size"])
         history = ts.get("eval_history") or []

@@ -25,7 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 # Driver-side checks fail in well under this (0.3-3 s alone); Ray and its workers take 20-70 s to get
 # as far. Generous, for a shared 2-core CI machine.
 EARLY_S = 20
-RAY_SESSIONS = os.path.join(tempfile.gettempdir(), "ray", "session_*")
 
 
 @dataclass
@@ -38,13 +37,19 @@ class Outcome:
 
 
 def raycpt(*args: str, timeout_s: float = 120, env: dict[str, str] | None = None) -> Outcome:
-    """Run `python -m raycpt.cli ARGS` as a user would; note any Ray session it started."""
-    before = set(glob.glob(RAY_SESSIONS))
+    """Run `python -m raycpt.cli ARGS` as a user would; note any Ray session it started (in a Ray
+    temp folder of its own: other Ray instances on the machine do not count)."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths have a length limit
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "raycpt.cli", *args], capture_output=True, text=True,
-                       timeout=timeout_s, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "", **(env or {})})
-    return Outcome(p.returncode, p.stdout, p.stderr, time.monotonic() - t0, set(glob.glob(RAY_SESSIONS)) - before)
+    try:
+        p = subprocess.run([sys.executable, "-m", "raycpt.cli", *args], capture_output=True, text=True,
+                           timeout=timeout_s, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp,
+                                **(env or {})})
+        sessions = set(glob.glob(os.path.join(ray_tmp, "ray", "session_*")) + glob.glob(os.path.join(ray_tmp, "session_*")))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return Outcome(p.returncode, p.stdout, p.stderr, time.monotonic() - t0, sessions)
 
 
 def assert_clean(out: Outcome, *named: str, before_ray_s: float | None = None) -> None:
@@ -146,3 +151,97 @@ def test_import_of_no_gguf(tmp_path, make, named):
 def test_debug_shows_the_traceback(tmp_path):
     out = raycpt("--debug", "schedule", config_only_job(tmp_path), "train.max_steps=[6")
     assert out.rc == 1 and "Traceback" in out.stderr and "ConfigError" in out.stderr
+
+
+# ---- train: model folder, sources, checkpoints — found by the driver before Ray starts ------------
+
+@pytest.fixture(scope="session")
+def good_job(tmp_path_factory, tiny_model, prepared_sources) -> dict:
+    """A job tree that trains (the tiny model on the two prepared sources); cases break one part."""
+    from conftest import tiny_job_tree
+
+    return tiny_job_tree(str(tmp_path_factory.mktemp("bad-input-runs")), tiny_model, prepared_sources,
+                         run={"name": "bad-input"})
+
+
+def job_with(tmp_path: Path, tree: dict, replace: dict[str, object]) -> str:
+    """`tree` with dotted keys replaced ({"data.sources[0].path": ...}), as a YAML file."""
+    from raycpt.config import apply_overrides
+
+    items = [f"{k}={json.dumps(v)}" for k, v in replace.items()]
+    return write_yaml(tmp_path / "job.yaml", apply_overrides(tree, items))
+
+
+def model_copy(tmp_path: Path, tiny_model: str, drop: tuple[str, ...] = (), **write: str) -> str:
+    out = tmp_path / "model"
+    shutil.copytree(tiny_model, out)
+    for pattern in drop:
+        for f in out.glob(pattern):
+            f.unlink()
+    for name, text in write.items():  # config_json= writes config.json
+        (out / name.replace("_", ".")).write_text(text)
+    return str(out)
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda d, m: str(d / "no-such-model"), ["model.base", "no-such-model", "does not exist"]),
+    (lambda d, m: model_copy(d, m, drop=("*.safetensors",)), ["model.base", "no *.safetensors"]),
+    (lambda d, m: model_copy(d, m, config_json='{"model_type": "llama", '), ["model.base", "config.json",
+                                                                            "not valid JSON"]),
+    (lambda d, m: model_copy(d, m, drop=("tokenizer*",)), ["model.base", "no tokenizer files"]),
+    (lambda d, m: Path(model_copy(d, m)).joinpath("model.safetensors").write_bytes(b"\x10\x00") and
+     str(d / "model"), ["model.safetensors", "not a readable safetensors"]),
+])
+def test_bad_model_folder(tmp_path, good_job, tiny_model, make, named):
+    job = job_with(tmp_path, good_job, {"model.base": make(tmp_path, tiny_model)})
+    assert_clean(raycpt("train", job), *named, before_ray_s=EARLY_S)
+
+
+def source_copy(tmp_path: Path, src: str, edit=None) -> str:
+    out = tmp_path / "source"
+    shutil.copytree(src, out)
+    if edit is not None:
+        edit(out)
+    return str(out)
+
+
+def _drop_manifest_key(key: str):
+    def edit(folder: Path) -> None:
+        m = json.loads((folder / "manifest.json").read_text())
+        del m[key]
+        (folder / "manifest.json").write_text(json.dumps(m))
+    return edit
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda d, s: str(d / "no-such-source"), ["data.sources[0].path", "no-such-source", "does not exist"]),
+    (lambda d, s: source_copy(d, s) + "/manifest.json", ["data.sources[0].path", "the manifest itself"]),
+    (lambda d, s: source_copy(d, s) + "/train/part-00000.parquet", ["data.sources[0].path", "is a file"]),
+    (lambda d, s: source_copy(d, s, _drop_manifest_key("seq_len")), ["data.sources[0].path", "lacks seq_len"]),
+    (lambda d, s: str(Path(source_copy(d, s, lambda f: (f / "manifest.json").unlink()))),
+     ["data.sources[0].path", "has no manifest.json"]),
+])
+def test_bad_source_path(tmp_path, good_job, prepared_sources, make, named):
+    job = job_with(tmp_path, good_job, {"data.sources[0].path": make(tmp_path, prepared_sources["code"])})
+    assert_clean(raycpt("train", job), *named, before_ray_s=EARLY_S)
+
+
+def test_out_of_vocab_eval_row_without_statistics_is_found_by_the_driver(tmp_path, good_job, prepared_sources):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raycpt.data.prepare import write_rows
+
+    def poison_eval(folder: Path) -> None:
+        m = json.loads((folder / "manifest.json").read_text())
+        rel = m["splits"]["eval"]["files"][0]["path"]
+        rows = pq.read_table(folder / rel).column(0).combine_chunks().values.to_numpy().reshape(-1, 64).copy()
+        rows[1, 5] = 10**6
+        write_rows(str(folder / rel), rows, 64, 16)
+        # As some writers do: no row-group statistics, so the footer check cannot see it.
+        pq.write_table(pq.read_table(folder / rel), folder / rel, write_statistics=False, row_group_size=16)
+        assert pq.read_metadata(folder / rel).row_group(0).column(0).statistics is None
+
+    src = source_copy(tmp_path, prepared_sources["english"], poison_eval)
+    job = job_with(tmp_path, good_job, {"data.sources[1].path": src})
+    assert_clean(raycpt("train", job), "data.sources[1].path", "eval", "row 1", "1000000", before_ray_s=EARLY_S)

@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from raycpt import storage
+from raycpt.checkpoint.integrity import load_or_name_the_checkpoint
 from raycpt.checkpoint.layout import COMMIT_MARKER, TRAIN_STATE, list_checkpoints, step_uri, to_delete
 
 
@@ -40,13 +41,10 @@ def _writer(uri: str):
 
 
 def _reader(uri: str):
-    if storage.is_remote(uri):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    # `.metadata` through a restricted unpickler: a crafted checkpoint must not run code.
+    from raycpt.checkpoint.metadata import safe_reader
 
-        endpoint = os.environ.get("RAYCPT_S3_ENDPOINT_URL")
-        kwargs = {"endpoint_url": endpoint} if endpoint and uri.startswith("s3://") else {}
-        return FsspecReader(uri, **kwargs)
-    return dcp.FileSystemReader(storage.local_path(uri))
+    return safe_reader(uri, os.environ.get("RAYCPT_S3_ENDPOINT_URL"))
 
 
 def _pinned_stager():
@@ -129,7 +127,7 @@ def load_sharded(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer | 
     state: dict[str, Any] = {"model": model_state(model)}
     if optimizer is not None:
         state["optimizer"] = optimizer_state(model, optimizer)
-    dcp.load(state, storage_reader=_reader(uri))
+    load_or_name_the_checkpoint(lambda: dcp.load(state, storage_reader=_reader(uri)), uri)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -15,7 +15,8 @@ import torch.distributed.checkpoint as dcp
 from raycpt.errors import RaycptError
 from raycpt import storage
 from raycpt.checkpoint.dcp import _reader
-from raycpt.checkpoint.layout import TRAIN_STATE, checkpoint_uri_of
+from raycpt.checkpoint.integrity import check_checkpoint, load_or_name_the_checkpoint
+from raycpt.checkpoint.layout import checkpoint_uri_of
 
 
 class ExportError(RaycptError, RuntimeError):
@@ -36,7 +37,7 @@ def export_hf(run_or_checkpoint: str, output: str, base: str | None = None, adap
     entry = checkpoint_uri_of(run_or_checkpoint)
     if entry is None:
         raise ExportError(f"{run_or_checkpoint}: no committed checkpoint to export")
-    state = storage.read_json(storage.join(entry.uri, TRAIN_STATE))
+    state = check_checkpoint(entry)  # train state parses, metadata is safe, no shard truncated
     base = base or state["config"]["model"]["base"]
     if not base or not os.path.exists(os.path.join(base, "config.json")):
         raise ExportError(f"--base: the run's model.base {base!r} is not an HF folder here; pass --base DIR")
@@ -48,7 +49,7 @@ def export_hf(run_or_checkpoint: str, output: str, base: str | None = None, adap
     elif adapter_dir:
         raise ExportError(f"--adapter: {run_or_checkpoint} is a full-model run (no model.lora); drop --adapter")
     sd = model.state_dict()
-    dcp.load({"model": sd}, storage_reader=_reader(entry.uri))
+    load_or_name_the_checkpoint(lambda: dcp.load({"model": sd}, storage_reader=_reader(entry.uri)), entry.uri)
     model.load_state_dict(sd)
     if lora is not None:
         if adapter_dir:

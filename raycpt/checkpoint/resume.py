@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from raycpt.errors import RaycptError
-from raycpt import storage
-from raycpt.checkpoint.layout import TRAIN_STATE, CheckpointEntry, checkpoint_uri_of, latest_committed
+from raycpt.checkpoint.integrity import check_checkpoint, newest_loadable
+from raycpt.checkpoint.layout import CheckpointEntry, checkpoint_uri_of
 from raycpt.config import JobConfig
 
 # Keys whose change makes "the same run" a different run. Everything else (LR schedule,
@@ -106,9 +106,9 @@ def check_resume_config(saved: dict[str, Any], job: JobConfig) -> list[str]:
 
 def decide_start(job: JobConfig) -> StartDecision:
     run_uri = job.run_uri
-    latest = latest_committed(run_uri)
-    if latest is not None:
-        state = storage.read_json(storage.join(latest.uri, TRAIN_STATE))
+    found = newest_loadable(run_uri)  # a damaged newest checkpoint falls back to the previous one, logged
+    if found is not None:
+        latest, state = found
         return StartDecision("resume", latest, state, True,
                              f"resuming step {state['step']} of run {job.run.name} from {latest.uri}")
     init = job.model.init
@@ -116,7 +116,7 @@ def decide_start(job: JobConfig) -> StartDecision:
         entry = checkpoint_uri_of(init.run)
         if entry is None:
             raise ResumeError(f"model.init.run: {init.run} has no committed checkpoint to start from")
-        return StartDecision("fresh_run", entry, storage.read_json(storage.join(entry.uri, TRAIN_STATE)),
+        return StartDecision("fresh_run", entry, check_checkpoint(entry),
                              init.load == "weights+optimizer",
                              f"fresh from run checkpoint {entry.uri} ({init.load})")
     if job.model.base:
