@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# Driver-side checks fail in well under this (0.3-3 s alone); Ray and its workers take 20-70 s to get
-# as far. Generous, for a shared 2-core CI machine.
-EARLY_S = 20
+# Driver-side checks fail in 0.3-4 s on an idle machine; generous for a loaded 2-core CI machine. The
+# sharper proof of "before Ray starts" is that no Ray session appears in the command's Ray folder.
+EARLY_S = 60
 
 
 @dataclass
@@ -245,3 +245,101 @@ def test_out_of_vocab_eval_row_without_statistics_is_found_by_the_driver(tmp_pat
     src = source_copy(tmp_path, prepared_sources["english"], poison_eval)
     job = job_with(tmp_path, good_job, {"data.sources[1].path": src})
     assert_clean(raycpt("train", job), "data.sources[1].path", "eval", "row 1", "1000000", before_ray_s=EARLY_S)
+
+
+# ---- checkpoints: a copy of the session's trained run, damaged one way per case ----------------
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run_copy(tmp_path, straight_run) -> tuple[dict, Path]:
+    """(job tree, run folder) of a private copy of the straight run (committed steps 6 and 8)."""
+    tree, run_uri = straight_run
+    store = tmp_path / "store"
+    shutil.copytree(run_uri, store / tree["run"]["name"])
+    tree = json.loads(json.dumps(tree))
+    tree["run"]["storage"] = str(store)
+    return tree, store / tree["run"]["name"]
+
+
+def committed_steps(run: Path) -> list[Path]:
+    return sorted(p for p in (run / "checkpoints").iterdir() if (p / "COMMITTED").exists())
+
+
+class WritesAFile:
+    """Unpickling this runs os.system: what a crafted checkpoint would do."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.target}",)
+
+
+def test_crafted_checkpoint_metadata_runs_no_code(tmp_path, run_copy):
+    import pickle
+
+    tree, run = run_copy
+    newest = committed_steps(run)[-1]
+    pwned = tmp_path / "pwned"
+    (newest / ".metadata").write_bytes(pickle.dumps(WritesAFile(pwned)))
+    before = tree_digest(run)
+    out = raycpt("export", str(run), "--output", str(tmp_path / "hf"))
+    assert_clean(out, str(newest / ".metadata"), "refused", "posix.system", before_ray_s=EARLY_S)
+    out = raycpt("train", write_yaml(tmp_path / "job.yaml", tree))
+    assert_clean(out, str(newest / ".metadata"), "refused", before_ray_s=EARLY_S)
+    assert not pwned.exists()
+    assert tree_digest(run) == before
+
+
+def test_restricted_unpickler_admits_real_metadata(straight_run):
+    from raycpt.checkpoint.metadata import read_metadata
+
+    _, run_uri = straight_run
+    for step in committed_steps(Path(run_uri)):
+        meta = read_metadata(str(step))
+        assert meta.state_dict_metadata and meta.storage_data
+
+
+def test_truncated_train_state_is_named_by_train_and_status(tmp_path, run_copy):
+    tree, run = run_copy
+    for step in committed_steps(run):
+        state = step / "train_state.json"
+        state.write_text(state.read_text()[:100])
+    before = tree_digest(run)
+    assert_clean(raycpt("train", write_yaml(tmp_path / "job.yaml", tree)), "train_state.json", "not valid JSON",
+                 "no committed checkpoint can be loaded", before_ray_s=EARLY_S)
+    newest = committed_steps(run)[-1]
+    assert_clean(raycpt("status", str(run)), str(newest / "train_state.json"), "not valid JSON", before_ray_s=EARLY_S)
+    assert tree_digest(run) == before
+
+
+def test_truncated_shard_falls_back_to_the_previous_checkpoint_and_says_so(run_copy, capsys):
+    from raycpt.config import parse_job
+    from raycpt.preflight import check_job
+
+    tree, run = run_copy
+    older, newest = committed_steps(run)[-2:]
+    shard = sorted(newest.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = tree_digest(run)
+    message = check_job(parse_job(tree), joins_cluster=False)
+    assert message.startswith(f"resuming step {int(older.name[5:])} ")
+    said = [line for line in capsys.readouterr().out.splitlines() if "falling back" in line]
+    assert len(said) == 1 and str(shard) in said[0] and "truncated" in said[0], said
+    assert tree_digest(run) == before
+
+
+def test_resume_refusal_names_the_narrowest_key(tmp_path, run_copy, prepared_sources):
+    tree, run = run_copy
+    moved = source_copy(tmp_path, prepared_sources["code"])
+    job = job_with(tmp_path, tree, {"data.sources[0].path": moved})
+    before = tree_digest(run)
+    out = raycpt("train", job)
+    assert_clean(out, "data.sources[0].path", "resume.allow_changes=[data.sources]", before_ray_s=EARLY_S)
+    assert tree_digest(run) == before
