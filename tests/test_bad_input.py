@@ -343,3 +343,65 @@ def test_resume_refusal_names_the_narrowest_key(tmp_path, run_copy, prepared_sou
     out = raycpt("train", job)
     assert_clean(out, "data.sources[0].path", "resume.allow_changes=[data.sources]", before_ray_s=EARLY_S)
     assert tree_digest(run) == before
+
+
+# ---- storage that does not answer -----------------------------------------------------------
+
+@pytest.fixture
+def silent_endpoint():
+    """A loopback TCP server that accepts connections and never answers."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    t.join()
+    for c in held:
+        c.close()
+    srv.close()
+
+
+def closed_port_endpoint() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
+
+
+@pytest.mark.parametrize("kind", ["silent", "closed"])
+def test_unreachable_storage_fails_within_seconds(tmp_path, request, kind):
+    endpoint = request.getfixturevalue("silent_endpoint") if kind == "silent" else closed_port_endpoint()
+    job = Path(config_only_job(tmp_path))
+    tree = yaml.safe_load(job.read_text())
+    tree["run"].update(storage="s3://raycpt-test/runs", s3_endpoint_url=endpoint)
+    out = raycpt("train", write_yaml(job, tree))
+    assert_clean(out, "run.storage", "s3://raycpt-test", endpoint, before_ray_s=EARLY_S)
+    assert ("timeout" if kind == "silent" else "connect") in out.stderr.lower()
+
+
+def test_storage_probe_deadline_in_process(silent_endpoint):
+    from raycpt import storage
+    from raycpt.storage import PROBE_DEADLINE_S, StorageError, check_reachable
+
+    storage.configure_storage(silent_endpoint)
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match="(?i)timeout|no answer"):
+        check_reachable("s3://raycpt-test/x", "run.storage")
+    assert time.monotonic() - t0 < PROBE_DEADLINE_S + 2
