@@ -29,6 +29,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
     job = load_job(a.job, a.overrides)
     result = train(job, address=a.address)
     if getattr(result, "error", None):
+        from raycpt.errors import find_raycpt_error
+
+        err = find_raycpt_error(result.error)
+        if err is not None:
+            raise err  # one paragraph, exit 2 (main)
         print(f"raycpt train: run {job.run.name} failed: {result.error}", file=sys.stderr)
         return 1
     return 0
@@ -319,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
+        from raycpt.local_ray import prefer_loopback
+
+        prefer_loopback()  # a Ray this command starts listens on loopback only (before Ray is imported)
     try:
         return args.fn(args)
     except Exception as e:  # noqa: BLE001 - raycpt's own errors become one paragraph; the rest are bugs

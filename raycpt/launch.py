@@ -12,15 +12,20 @@ from typing import Any
 
 from raycpt import storage
 from raycpt.config import JobConfig
+from raycpt.errors import find_raycpt_error
 
 
 def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
     """Join the cluster named by `address`/RAY_ADDRESS, or start a local one sized for the job."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        from raycpt.local_ray import prefer_loopback
+
+        prefer_loopback()  # effective where Ray is not imported yet (the CLI sets it earlier)
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
@@ -30,7 +35,11 @@ def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
     # "local": a Ray some other program started on this machine is not ours to join (nor sized for us).
     # Its processes inherit this environment (AWS credentials included) from the raylet this
     # call starts; credentials are never put in a runtime_env, which Ray shows in its dashboard.
-    ray.init(address="local", num_cpus=cpus, log_to_driver=True)
+    from raycpt.local_ray import local_ray_options, restrict_token_file
+
+    restrict_token_file()  # one Ray wrote earlier
+    ray.init(address="local", num_cpus=cpus, log_to_driver=True, **local_ray_options())
+    restrict_token_file()  # one this start wrote
 
 
 def _ray_storage(job: JobConfig) -> tuple[str, Any]:
@@ -72,7 +81,7 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raycpt.train.loop import run_worker
+    from raycpt.train.not_retried import StopOnRaycptError, run_worker
 
     lo, hi = job.worker_range()
     num_workers: int | tuple[int, int] = lo if lo == hi else (lo, hi)
@@ -91,7 +100,7 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
             # Ray records a pointer per committed checkpoint and prunes those pointers itself;
             # raycpt applies retention to the checkpoints (never deleting the newest committed).
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), StopOnRaycptError()],  # raycpt's own errors are not retried
         ),
     )
 
@@ -134,6 +143,8 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
             try:
                 return build_trainer(job, loop_options, callbacks=callbacks).fit()
             except ray.train.ControllerError as e:
+                if find_raycpt_error(e) is not None:  # a worker's raycpt error (not retried): report it
+                    return _FailedResult(e)
                 # Ray Train's controller gave up (a worker died in the middle of one of its own
                 # calls), which FailureConfig does not retry and which can leave the workers'
                 # placement group reserved: give it back and fit again; the run resumes from its

@@ -405,3 +405,71 @@ def test_storage_probe_deadline_in_process(silent_endpoint):
     with pytest.raises(StorageError, match="(?i)timeout|no answer"):
         check_reachable("s3://raycpt-test/x", "run.storage")
     assert time.monotonic() - t0 < PROBE_DEADLINE_S + 2
+
+
+# ---- met by the workers: one paragraph, no retry ------------------------------------------------
+
+def test_corrupt_data_pages_fail_the_run_once_naming_the_shard(tmp_path, good_job, prepared_sources):
+    """Pages damaged under a valid footer pass every driver check; the reader meets them in a
+    worker. The run must end at the first attempt (max_failures=3 notwithstanding), exit 2, naming
+    the shard."""
+
+    def damage_pages(folder: Path) -> None:
+        for shard in sorted((folder / "train").glob("*.parquet")):
+            data = bytearray(shard.read_bytes())
+            data[8:len(data) // 2] = bytes(len(data) // 2 - 8)  # footer and magic bytes intact
+            shard.write_bytes(bytes(data))
+
+    src = source_copy(tmp_path, prepared_sources["code"], damage_pages)
+    store = tmp_path / "runs"
+    job = job_with(tmp_path, good_job, {"data.sources[0].path": src, "run.storage": str(store),
+                                        "checkpoint.max_failures": 3, "scaling.num_workers": 1})
+    out = raycpt("train", job, timeout_s=400)
+    assert_clean(out, "data.sources", f"{src}/train/part-", "re-run prepare")
+    starts = list((store / good_job["run"]["name"] / "metrics" / "starts").glob("*.json"))
+    assert len(starts) == 1, f"retried: {len(starts)} starts"
+    assert out.stderr.count("raycpt train:") == 1
+
+
+# ---- the local Ray raycpt starts: loopback only, token file private ------------------------------
+
+_LIST_RAY_SOCKETS = """
+import json, os, psutil, time
+from raycpt.local_ray import prefer_loopback
+prefer_loopback()  # what `raycpt` does before anything imports Ray
+from raycpt.launch import connect_ray
+connect_ray()
+import ray
+time.sleep(2)  # the agents bind after the node is up
+listen = set()
+for p in psutil.Process().children(recursive=True):
+    try:
+        listen |= {(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                   if c.status == psutil.CONN_LISTEN}
+    except psutil.Error:
+        pass
+print("SOCKETS " + json.dumps(sorted(listen)))
+ray.shutdown()
+"""
+
+
+def test_local_ray_listens_on_loopback_only(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("x" * 32)
+    os.chmod(home / ".ray" / "auth_token", 0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ENABLE")}
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    try:
+        p = subprocess.run([sys.executable, "-c", _LIST_RAY_SOCKETS], capture_output=True, text=True, timeout=300,
+                           env={**env, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp,
+                                "HOME": str(home)})
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("SOCKETS ")), None)
+    assert line, p.stderr[-3000:]
+    sockets = json.loads(line[len("SOCKETS "):])
+    assert len(sockets) >= 5, sockets  # gcs, raylet, agents, dashboard, metrics: they were seen
+    exposed = [s for s in sockets if s[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    assert oct(os.stat(home / ".ray" / "auth_token").st_mode & 0o777) == "0o600"

@@ -242,6 +242,9 @@ def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
             f"--output {opts.output}: holds a different dataset (fingerprint {existing.get('input_fingerprint')} "
             f"vs {fingerprint}); choose another --output or delete it first"
         )
+    # A DataError met by a packer (a broken jsonl line ...) reaches the CLI as itself, not inside
+    # Ray Data's UserCodeException (whose pickled form loses the original).
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     groups = group_files(files, opts.group_bytes)
     log(f"prepare: {len(files)} files in {len(groups)} groups -> {opts.output} (seq_len {opts.seq_len})")
     items = [{"group": i, "files": json.dumps(g)} for i, g in enumerate(groups)]

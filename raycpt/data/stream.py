@@ -190,6 +190,7 @@ def iter_ray_data(spec: StreamSpec, start_step: int, end_step: int, prefetch_bat
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.raise_original_map_exception = True  # a reader's DataError reaches the loop as itself (no retry)
     first = start_step
     state = spec.plan_state
     while first < end_step:
