@@ -11,14 +11,16 @@ from raycpt.errors import RaycptError, UsageError
 
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
-    from raycpt.data.prepare import PrepareOptions, prepare
+    from raycpt.data.prepare import PrepareOptions, check_options, prepare
     from raycpt.launch import connect_ray
 
+    opts = PrepareOptions(inputs=tuple(a.input), tokenizer_dir=a.tokenizer, seq_len=a.seq_len, output=a.output,
+                          text_column=a.text_column, eval_fraction=a.eval_fraction,
+                          group_bytes=int(a.group_mb * (1 << 20)), rows_per_row_group=a.rows_per_row_group,
+                          s3_endpoint_url=a.s3_endpoint_url)
+    check_options(opts)  # before Ray starts
     connect_ray(address=a.address)
-    prepare(PrepareOptions(inputs=tuple(a.input), tokenizer_dir=a.tokenizer, seq_len=a.seq_len, output=a.output,
-                           text_column=a.text_column, eval_fraction=a.eval_fraction,
-                           group_bytes=int(a.group_mb * (1 << 20)), rows_per_row_group=a.rows_per_row_group,
-                           s3_endpoint_url=a.s3_endpoint_url))
+    prepare(opts)
     return 0
 
 

@@ -473,3 +473,36 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
     exposed = [s for s in sockets if s[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not exposed, f"listening beyond loopback: {exposed}"
     assert oct(os.stat(home / ".ray" / "auth_token").st_mode & 0o777) == "0o600"
+
+
+# ---- prepare ------------------------------------------------------------------------------------
+
+def _prepare(tmp_path: Path, tokenizer: str, inputs: list[str], output: str | None = None) -> Outcome:
+    return raycpt("prepare", "--input", *inputs, "--tokenizer", tokenizer, "--seq-len", "64",
+                  "--output", output or str(tmp_path / "out"), timeout_s=300)
+
+
+@pytest.mark.parametrize("case", ["no tokenizer", "output is a file", "binary input", "missing input"])
+def test_prepare_refuses_before_ray(tmp_path, tokenizer_dir, case):
+    text = tmp_path / "doc.txt"
+    text.write_text("some text " * 200)
+    if case == "no tokenizer":
+        out, named = _prepare(tmp_path, str(tmp_path / "no-tok"), [str(text)]), ["--tokenizer", "no-tok"]
+    elif case == "output is a file":
+        out, named = _prepare(tmp_path, tokenizer_dir, [str(text)], str(text)), ["--output", "is a file"]
+    elif case == "binary input":
+        blob = tmp_path / "blob.txt"
+        blob.write_bytes(bytes(range(256)) * 64)
+        out, named = _prepare(tmp_path, tokenizer_dir, [str(blob)]), ["--input", "binary"]
+    else:
+        out, named = _prepare(tmp_path, tokenizer_dir, [str(tmp_path / "gone.jsonl")]), ["gone.jsonl", "does not exist"]
+    assert_clean(out, *named, before_ray_s=EARLY_S)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_prepare_names_the_broken_jsonl_line(tmp_path, tokenizer_dir):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i} " * 50}) + "\n" for i in range(5)) + '{"text": "cut\n')
+    out = _prepare(tmp_path, tokenizer_dir, [str(docs)])
+    assert_clean(out, "docs.jsonl:6", "not valid JSON")
+    assert not (tmp_path / "out" / "manifest.json").exists()
