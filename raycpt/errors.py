@@ -12,6 +12,10 @@ from __future__ import annotations
 class RaycptError(Exception):
     """An error whose message tells the user what is wrong, which key or file, and the fix."""
 
+    # Raised in a worker, a restart would meet it again: the run ends at once (see
+    # raycpt/train/not_retried.py). True for errors that can pass (storage unreachable for a while).
+    retry_in_workers = False
+
 
 class UsageError(RaycptError, ValueError):
     """A command-line argument or flag that cannot work; the message names it and the fix."""

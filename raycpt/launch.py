@@ -143,7 +143,8 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
             try:
                 return build_trainer(job, loop_options, callbacks=callbacks).fit()
             except ray.train.ControllerError as e:
-                if find_raycpt_error(e) is not None:  # a worker's raycpt error (not retried): report it
+                err = find_raycpt_error(e)
+                if err is not None and not err.retry_in_workers:  # a worker's raycpt error: report it
                     return _FailedResult(e)
                 # Ray Train's controller gave up (a worker died in the middle of one of its own
                 # calls), which FailureConfig does not retry and which can leave the workers'

@@ -28,6 +28,9 @@ _S3_ENDPOINT_ENV = "RAYCPT_S3_ENDPOINT_URL"
 class StorageError(RaycptError, RuntimeError):
     """Storage that cannot be reached or read; the message names the URI and the likely fix."""
 
+    # An outage can end; a missing bucket or bad credentials are caught on the driver first.
+    retry_in_workers = True
+
 
 def configure_storage(s3_endpoint_url: str | None) -> None:
     """Point s3:// URIs at an S3-compatible endpoint for this process and the workers it starts."""

@@ -7,7 +7,8 @@ the one useful message under Ray's tracebacks. Ray 2.60's failure policy cannot 
 error type, so this controller callback watches the controller's state: when the controller is
 about to restart the workers after a failure whose cause is a RaycptError, it raises that error,
 which the controller treats as a failure of its own (never retried) and `fit()` raises it on the
-driver inside a ControllerError; `raycpt.errors.find_raycpt_error` takes it out again.
+driver inside a ControllerError; `raycpt.errors.find_raycpt_error` takes it out again. Storage
+errors are the exception (`retry_in_workers`): an outage may be over by the next attempt.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class StopOnRaycptError(ControllerCallback):
         if failed is None or type(current_state).__name__ not in ("RestartingState", "ReschedulingState"):
             return
         err = find_raycpt_error(failed)
-        if err is not None:
+        if err is not None and not err.retry_in_workers:
             raise plain(err)
 
 
