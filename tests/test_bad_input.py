@@ -227,7 +227,6 @@ def test_bad_source_path(tmp_path, good_job, prepared_sources, make, named):
 
 
 def test_out_of_vocab_eval_row_without_statistics_is_found_by_the_driver(tmp_path, good_job, prepared_sources):
-    import numpy as np
     import pyarrow.parquet as pq
 
     from raycpt.data.prepare import write_rows
