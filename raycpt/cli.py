@@ -7,21 +7,23 @@ import json
 import os
 import sys
 
-from raycpt.errors import RaycptError
+from raycpt.errors import RaycptError, UsageError
 
 VERBOSE_HELP = ("show Ray's own log lines (per-report, placement-group, core-worker lines) on the terminal; "
                 "by default they go to the run's logs/driver.log or the Ray session's logs folder")
 
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
-    from raycpt.data.prepare import PrepareOptions, prepare
+    from raycpt.data.prepare import PrepareOptions, check_options, prepare
     from raycpt.launch import connect_ray
 
+    opts = PrepareOptions(inputs=tuple(a.input), tokenizer_dir=a.tokenizer, seq_len=a.seq_len, output=a.output,
+                          text_column=a.text_column, eval_fraction=a.eval_fraction,
+                          group_bytes=int(a.group_mb * (1 << 20)), rows_per_row_group=a.rows_per_row_group,
+                          s3_endpoint_url=a.s3_endpoint_url)
+    check_options(opts)  # before Ray starts
     connect_ray(address=a.address)
-    prepare(PrepareOptions(inputs=tuple(a.input), tokenizer_dir=a.tokenizer, seq_len=a.seq_len, output=a.output,
-                           text_column=a.text_column, eval_fraction=a.eval_fraction,
-                           group_bytes=int(a.group_mb * (1 << 20)), rows_per_row_group=a.rows_per_row_group,
-                           s3_endpoint_url=a.s3_endpoint_url))
+    prepare(opts)
     return 0
 
 
@@ -32,6 +34,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
     job = load_job(a.job, a.overrides)
     result = train(job, address=a.address)
     if getattr(result, "error", None):
+        from raycpt.errors import find_raycpt_error
+
+        err = find_raycpt_error(result.error)
+        if err is not None:
+            raise err  # one paragraph, exit 2 (main)
         print(f"raycpt train: run {job.run.name} failed: {result.error}", file=sys.stderr)
         return 1
     return 0
@@ -41,11 +48,25 @@ def _cmd_status(a: argparse.Namespace) -> int:
     from raycpt.status import format_status, run_status
     from raycpt.tune.results import status_command
 
-    sweep_rc = status_command(a.target, a.overrides, a.json)  # a sweep folder or sweep YAML
+    target = a.target
+    is_yaml = target.endswith((".yaml", ".yml")) or (os.path.isfile(target) and "://" not in target)
+    if is_yaml:
+        from raycpt.config import read_yaml_tree
+
+        read_yaml_tree(target)  # a missing, binary or broken YAML is named here, once
+    elif "://" not in target and not os.path.isdir(target):
+        raise UsageError(f"{target}: no such run folder; give a run folder URI (<run.storage>/<run.name>), "
+                         "a sweep folder, or the job YAML")
+    sweep_rc = status_command(target, a.overrides, a.json)  # a sweep folder or sweep YAML
     if sweep_rc is not None:
         return sweep_rc
-    target = a.target
-    if target.endswith((".yaml", ".yml")) and os.path.exists(target):
+    if not is_yaml:
+        from raycpt import storage
+
+        if not {"checkpoints", "metrics"} & set(storage.list_dir(target)):
+            raise UsageError(f"{target}: not a run folder (no checkpoints/ or metrics/ in it), or its run has "
+                             "not started yet; give <run.storage>/<run.name>, or the job YAML")
+    if is_yaml:
         from raycpt.config import load_job
 
         job = load_job(target, a.overrides)
@@ -116,13 +137,20 @@ def _plot_compare(targets: list[str], overrides: list[str], output: str | None) 
 
 
 def _cmd_import(a: argparse.Namespace) -> int:
+    _check_output_folder(a.output)
     from raycpt.model.hf import import_gguf
 
     print(import_gguf(a.gguf, a.output))
     return 0
 
 
+def _check_output_folder(output: str, flag: str = "--output") -> None:
+    if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
+        raise UsageError(f"{flag} {output}: is a file, not a folder; give a new or empty folder")
+
+
 def _cmd_export(a: argparse.Namespace) -> int:
+    _check_output_folder(a.output)
     from raycpt.checkpoint.export import export_hf
 
     print(export_hf(a.run, a.output, base=a.base, adapter_dir=a.adapter, dtype=a.dtype))
@@ -145,7 +173,10 @@ def _cmd_schedule(a: argparse.Namespace) -> int:
 
 def _cmd_bench_checkpoint(a: argparse.Namespace) -> int:
     from raycpt.bench.checkpoint import bench_checkpoint
+    from raycpt.model.shapes import SHAPES
 
+    if a.shape not in SHAPES:
+        raise UsageError(f"--shape {a.shape}: unknown model shape; choose from {', '.join(sorted(SHAPES))}")
     rows = bench_checkpoint(a.shape, a.storage, a.saves, tuple(a.modes), a.s3_endpoint_url)
     if a.json:
         print(json.dumps(rows, indent=1))
@@ -227,6 +258,8 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raycpt", description="Elastic continued pretraining on Ray.")
+    p.add_argument("--debug", action="store_true", default=os.environ.get("RAYCPT_DEBUG") == "1",
+                   help="show the full traceback of raycpt's own errors too (RAYCPT_DEBUG=1 does the same)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("prepare", help="text -> packed Parquet token shards + manifest (Ray Data)")
@@ -407,14 +440,27 @@ def main(argv: list[str] | None = None) -> int:
     from raycpt.logs import set_verbose
 
     set_verbose(args.verbose)
+    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
+        from raycpt.local_ray import prefer_loopback
+
+        prefer_loopback()  # a Ray this command starts listens on loopback only (before Ray is imported)
     try:
         return args.fn(args)
-    except RaycptError as e:
-        print(f"raycpt {args.cmd}: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - raycpt's own errors become one paragraph; the rest are bugs
+        err = raycpt_error_in(e)
+        if err is None and isinstance(e, FileNotFoundError):
+            err = e  # a path given on the command line or in a job that is not there
+        if err is None or args.debug:
+            raise
+        print(f"raycpt {args.cmd}: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"raycpt {args.cmd}: {e}", file=sys.stderr)
-        return 2
+
+
+def raycpt_error_in(e: BaseException) -> RaycptError | None:
+    from raycpt.errors import find_raycpt_error
+
+    return find_raycpt_error(e)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -440,6 +440,19 @@ def split_dotted(path: str) -> list[str | int]:
     return parts
 
 
+def _parse_override_value(item: str, raw: str) -> Any:
+    if not raw.strip():
+        return None
+    try:
+        return yaml.load(raw, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({problem}); quote it as a string "
+            "(key='\"text\"') or fix the brackets, e.g. train.max_steps=6 or data.phases=[]"
+        ) from None
+
+
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `tree` with `a.b[1].c=value` overrides applied; values parse as YAML."""
     tree = copy.deepcopy(tree)
@@ -447,25 +460,39 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=20")
         key, raw = item.split("=", 1)
-        parts = split_dotted(key.strip())
+        key = key.strip()
+        parts = split_dotted(key)
+        value = _parse_override_value(item, raw)
         node: Any = tree
         for i, part in enumerate(parts[:-1]):
             nxt = parts[i + 1]
+            here = dotted_path(tuple(parts[: i + 1]))
             if isinstance(part, int):
                 if not isinstance(node, list) or part >= len(node):
                     raise ConfigError(f"override {key}: index [{part}] is out of range")
                 node = node[part]
             else:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {key}: {dotted_path(tuple(parts[:i])) or 'the job'} is "
+                                      f"{_kind(node)}, not a section; it has no key {part!r}")
                 if node.get(part) is None:
                     node[part] = [] if isinstance(nxt, int) else {}
                 node = node[part]
+            if isinstance(nxt, int) and not isinstance(node, list):
+                raise ConfigError(f"override {key}: {here} is {_kind(node)}, not a list; drop the [{nxt}]")
+            if not isinstance(nxt, int) and not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {here} is {_kind(node)}, not a section, so it has no "
+                                  f"key {nxt!r}; set {here}=VALUE instead")
         last = parts[-1]
-        value = yaml.safe_load(raw) if raw.strip() else None
         if isinstance(last, int):
             if not isinstance(node, list) or last >= len(node):
                 raise ConfigError(f"override {key}: index [{last}] is out of range")
         node[last] = value
     return tree
+
+
+def _kind(node: Any) -> str:
+    return f"a list ({len(node)} items)" if isinstance(node, list) else f"the value {node!r}"
 
 
 def dotted_path(loc: tuple[Any, ...]) -> str:
@@ -532,13 +559,51 @@ def parse_job(tree: dict[str, Any]) -> JobConfig:
         raise ConfigError("invalid job config:\n  " + "\n  ".join(lines)) from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error naming both
+    lines (plain YAML keeps the last silently, so a section written twice loses the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}); merge them "
+                    "into one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line with its line number (yaml's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (f"{context}, {problem}" if context else problem)
+
+
 def read_yaml_tree(path: str | Path) -> dict[str, Any]:
     """A job YAML file as a dict of sections; errors name the file."""
-    text = Path(path).read_text()
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a job YAML; give the .yaml file (e.g. jobs/demo.yaml)")
+    if not p.exists():
+        raise ConfigError(f"{path}: no such job YAML; check the path (jobs/ has the shipped ones)")
     try:
-        tree = yaml.safe_load(text) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); give a job YAML") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror}); check the path and its permissions") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: a binary file, not a job YAML")
+    try:
+        tree = yaml.load(text, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a job YAML must be a mapping of sections (run, model, data, ...)")
     return tree

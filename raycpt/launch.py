@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from raycpt import storage
 from raycpt.config import JobConfig
+from raycpt.errors import find_raycpt_error
 
 
 # What a Ray worker process imports before it is given work, when the local Ray is started with
@@ -26,13 +27,17 @@ def connect_ray(min_cpus: float = 0, address: str | None = None, preload_modules
 
     `preload_modules`: a local Ray's idle worker processes import these while they wait (Ray's
     `preload_python_modules`; on a cluster, set RAY_preload_python_modules on `ray start`)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        from raycpt.local_ray import prefer_loopback
+
+        prefer_loopback()  # effective where Ray is not imported yet (the CLI sets it earlier)
     import ray
 
     from raycpt.logs import route_ray_output
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         route_ray_output()  # Ray's own lines to its session's logs folder (raycpt/logs.py)
@@ -44,7 +49,11 @@ def connect_ray(min_cpus: float = 0, address: str | None = None, preload_modules
     # Its processes inherit this environment (AWS credentials included) from the raylet this
     # call starts; credentials are never put in a runtime_env, which Ray shows in its dashboard.
     system_config = {"preload_python_modules": list(preload_modules)} if preload_modules else None
-    ray.init(address="local", num_cpus=cpus, log_to_driver=True, _system_config=system_config)
+    from raycpt.local_ray import local_ray_options, restrict_token_file
+
+    restrict_token_file()  # one Ray wrote earlier
+    ray.init(address="local", num_cpus=cpus, log_to_driver=True, _system_config=system_config, **local_ray_options())
+    restrict_token_file()  # one this start wrote
     route_ray_output()
 
 
@@ -89,7 +98,7 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raycpt.train.loop import run_worker
+    from raycpt.train.not_retried import StopOnRaycptError, run_worker
 
     lo, hi = job.worker_range()
     num_workers: int | tuple[int, int] = lo if lo == hi else (lo, hi)
@@ -108,33 +117,16 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
             # Ray records a pointer per committed checkpoint and prunes those pointers itself;
             # raycpt applies retention to the checkpoints (never deleting the newest committed).
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), StopOnRaycptError()],  # raycpt's own errors are not retried
         ),
     )
 
 
-def preflight(job: JobConfig) -> str:
-    """What can be known before any worker starts: the start decision, a refused config change,
-    shards that do not fit the model. Raises with the key to fix; returns the start message."""
-    import os
+def preflight(job: JobConfig, address: str | None = None) -> str:
+    """Checks on the driver before Ray starts (raycpt/preflight.py); returns the start message."""
+    from raycpt.preflight import check_job
 
-    from raycpt.checkpoint.resume import check_resume_config, decide_start
-    from raycpt.data.manifest import tokenizer_identity
-    from raycpt.data.stream import read_manifests
-    from raycpt.data.verify import check_data_fits_model
-    from raycpt.model.hf import load_config, load_tokenizer
-
-    storage.check_reachable(job.run.storage, "run.storage")
-    for i, src in enumerate(job.data.sources):
-        storage.check_reachable(src.path, f"data.sources[{i}].path")
-    decision = decide_start(job)
-    if decision.kind == "resume":
-        check_resume_config(decision.train_state.config, job)
-    if job.model.base and os.path.isdir(job.model.base):  # on a cluster the folder may live on workers only
-        config = load_config(job.model.base)
-        tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))
-        check_data_fits_model(job, read_manifests(job), tok_id, config.vocab_size, read_footers=True)
-    return decision.message
+    return check_job(job, joins_cluster=bool(address or os.environ.get("RAY_ADDRESS")))
 
 
 def train(job: JobConfig, address: str | None = None, loop_options: dict[str, Any] | None = None):
@@ -148,7 +140,7 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
     from raycpt.placement import PlacementGroupRegistry, RegisterPlacementGroups, registry_name
 
     storage.configure_storage(job.run.s3_endpoint_url)
-    print(f"raycpt: {preflight(job)}", flush=True)
+    print(f"raycpt: {preflight(job, address)}", flush=True)
     lo, hi = job.worker_range()
     connect_ray(min_cpus=hi * job.scaling.cpus_per_worker, address=address)
     route_ray_logs_to_run(job.run_uri)
@@ -170,6 +162,9 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
             try:
                 return build_trainer(job, loop_options, callbacks=callbacks).fit()
             except ray.train.ControllerError as e:
+                err = find_raycpt_error(e)
+                if err is not None and not err.retry_in_workers:  # a worker's raycpt error: report it
+                    return _FailedResult(e)
                 # Ray Train's controller gave up (a worker died in the middle of one of its own
                 # calls), which FailureConfig does not retry and which can leave the workers'
                 # placement group reserved: give it back and fit again; the run resumes from its

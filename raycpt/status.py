@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from raycpt import storage
+from raycpt.checkpoint.integrity import read_train_state
 from raycpt.checkpoint.layout import list_checkpoints
-from raycpt.checkpoint.state import read_train_state
 
 
 def run_status(run_uri: str) -> dict[str, Any]:

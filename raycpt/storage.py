@@ -28,6 +28,9 @@ _S3_ENDPOINT_ENV = "RAYCPT_S3_ENDPOINT_URL"
 class StorageError(RaycptError, RuntimeError):
     """Storage that cannot be reached or read; the message names the URI and the likely fix."""
 
+    # An outage can end; a missing bucket or bad credentials are caught on the driver first.
+    retry_in_workers = True
+
 
 def configure_storage(s3_endpoint_url: str | None) -> None:
     """Point s3:// URIs at an S3-compatible endpoint for this process and the workers it starts."""
@@ -121,22 +124,57 @@ def _explain(e: BaseException, what: str) -> BaseException:
     return e
 
 
+# The reachability probe answers in seconds or says why not: one attempt, short timeouts, and a
+# deadline over the whole call (an endpoint that accepts connections and never answers would
+# otherwise hold `raycpt train` through botocore's 60 s read timeout times every retry).
+PROBE_CONNECT_TIMEOUT_S = 2.0
+PROBE_READ_TIMEOUT_S = 3.0
+PROBE_DEADLINE_S = 8.0
+
+
+def _probe_filesystem(endpoint: str | None) -> fsspec.AbstractFileSystem:
+    kwargs: dict[str, Any] = {"config_kwargs": {"connect_timeout": PROBE_CONNECT_TIMEOUT_S,
+                                                "read_timeout": PROBE_READ_TIMEOUT_S,
+                                                "retries": {"max_attempts": 1, "mode": "standard"}}}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    fs = fsspec.filesystem("s3", use_listings_cache=False, skip_instance_cache=True, **kwargs)
+    fs.retries = 1  # s3fs's own retry loop (5 attempts with backoff by default), on top of botocore's
+    return fs
+
+
 def check_reachable(uri: str, key: str) -> None:
-    """Fail fast, naming the config key, when a URI's bucket is missing or its credentials do not
-    work (an S3 listing of a missing bucket looks like an empty folder, so ask for the bucket)."""
+    """Fail fast, naming the config key, when a URI's bucket is missing, its endpoint does not answer
+    within a few seconds, or its credentials do not work (an S3 listing of a missing bucket looks
+    like an empty folder, so ask for the bucket)."""
     if not uri.startswith("s3://"):
         return
-    fs, path = filesystem(uri)
-    bucket = path.split("/", 1)[0]
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    endpoint = os.environ.get(_S3_ENDPOINT_ENV)
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    where = f"s3://{bucket} at {endpoint or 'AWS'}"
+    fs = _probe_filesystem(endpoint)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raycpt-storage-probe")
     # A listing, not `exists`: s3fs answers `exists` with False for missing credentials too.
+    probe = pool.submit(fs.ls, bucket, refresh=True)
+    pool.shutdown(wait=False)  # a probe past its deadline is left to its own timeouts
     try:
-        with_retries(lambda: fs.ls(bucket, refresh=True), f"checking s3://{bucket}")
+        probe.result(timeout=PROBE_DEADLINE_S)
+    except FutureTimeout:
+        raise StorageError(
+            f"{key}: checking that {where} answers: no answer within {PROBE_DEADLINE_S:.0f} s (connect timeout "
+            f"{PROBE_CONNECT_TIMEOUT_S:.0f} s, read timeout {PROBE_READ_TIMEOUT_S:.0f} s); check run.s3_endpoint_url "
+            "(or RAYCPT_S3_ENDPOINT_URL), the network and any proxy") from None
     except FileNotFoundError:
         raise StorageError(f"{key}: the bucket s3://{bucket} does not exist; create it or fix the URI") from None
-    except StorageError as e:
-        raise StorageError(f"{key}: {e}") from None
     except Exception as e:  # noqa: BLE001 - name the key whatever the client raised
-        raise StorageError(f"{key}: s3://{bucket} cannot be reached ({type(e).__name__}: {e})") from None
+        explained = _explain(e, f"checking that {where} answers")
+        if isinstance(explained, StorageError):
+            raise StorageError(f"{key}: {explained}") from None
+        raise StorageError(f"{key}: checking that {where} answers: {type(e).__name__}: {str(e)[:200]}; check "
+                           "run.s3_endpoint_url (or RAYCPT_S3_ENDPOINT_URL) and the network") from None
 
 
 def exists(uri: str) -> bool:

@@ -24,6 +24,7 @@ from torch import nn
 
 from raycpt import storage
 from raycpt.checkpoint.attempt import AttemptFence
+from raycpt.checkpoint.integrity import load_or_name_the_checkpoint
 from raycpt.checkpoint.layout import COMMIT_MARKER, list_checkpoints, step_uri, to_delete
 from raycpt.checkpoint.state import TrainState, write_train_state
 
@@ -45,14 +46,11 @@ def storage_writer(uri: str):
 
 
 def storage_reader(uri: str):
-    """The DCP reader of a checkpoint folder (local, or s3:// through fsspec)."""
-    if storage.is_remote(uri):
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    """The DCP reader of a checkpoint folder (local, or s3:// through fsspec); `.metadata` goes
+    through a restricted unpickler: a crafted checkpoint must not run code."""
+    from raycpt.checkpoint.metadata import safe_reader
 
-        endpoint = os.environ.get("RAYCPT_S3_ENDPOINT_URL")
-        kwargs = {"endpoint_url": endpoint} if endpoint and uri.startswith("s3://") else {}
-        return FsspecReader(uri, **kwargs)
-    return dcp.FileSystemReader(storage.local_path(uri))
+    return safe_reader(uri, os.environ.get("RAYCPT_S3_ENDPOINT_URL"))
 
 
 def _pinned_stager():
@@ -135,7 +133,7 @@ def load_sharded(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer | 
     state: dict[str, Any] = {"model": model_state(model)}
     if optimizer is not None:
         state["optimizer"] = optimizer_state(model, optimizer)
-    dcp.load(state, storage_reader=storage_reader(uri))
+    load_or_name_the_checkpoint(lambda: dcp.load(state, storage_reader=storage_reader(uri)), uri)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -209,10 +207,16 @@ class Checkpointer:
         self.wait_for_staging_buffers()
         uri = step_uri(self.run_uri, step)
         self._check_fence(f"write the shards of step {step}")
-        if self.rank == 0 and storage.exists(uri) and not storage.exists(storage.join(uri, COMMIT_MARKER)):
-            # A torn save of this step from before a restart (maybe by another world size): start
-            # clean. No rank writes before DCP's planning collective, which waits for rank 0.
-            self._check_fence(f"remove the torn save {uri}")
+        if self.rank == 0 and storage.exists(uri):
+            # A save of this step from before a restart: torn (maybe by another world size), or
+            # committed but damaged, which the resume fell back past. This attempt resumed from an
+            # earlier step, so the folder is stale either way: marker first, so that no reader
+            # takes it for committed halfway. No rank writes before DCP's planning collective,
+            # which waits for rank 0.
+            self._check_fence(f"remove the stale save {uri}")
+            marker = storage.join(uri, COMMIT_MARKER)
+            if storage.exists(marker):
+                storage.remove_tree(marker)
             storage.remove_tree(uri)
         state = saved_state(model, optimizer)
         cache = getattr(self.stager, "state_dict_cache", None)

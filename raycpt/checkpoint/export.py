@@ -24,8 +24,9 @@ from torch import nn
 from raycpt.errors import RaycptError
 from raycpt import storage
 from raycpt.checkpoint.dcp import storage_reader
+from raycpt.checkpoint.integrity import check_checkpoint, load_or_name_the_checkpoint
 from raycpt.checkpoint.layout import CheckpointEntry, checkpoint_uri_of
-from raycpt.checkpoint.state import TrainState, read_train_state
+from raycpt.checkpoint.state import TrainState
 
 
 class ExportError(RaycptError, RuntimeError):
@@ -67,7 +68,7 @@ def load_checkpoint_model(run_or_checkpoint: str, base: str | None = None) -> Lo
     entry = checkpoint_uri_of(run_or_checkpoint)
     if entry is None:
         raise ExportError(f"{run_or_checkpoint}: no committed checkpoint to export")
-    state = read_train_state(entry.uri)
+    state = check_checkpoint(entry)  # train state parses, metadata is safe, no shard truncated
     base = base or state.config["model"]["base"]
     if not base or not os.path.exists(os.path.join(base, "config.json")):
         raise ExportError(f"--base: the run's model.base {base!r} is not an HF folder here; pass --base DIR")
@@ -77,7 +78,7 @@ def load_checkpoint_model(run_or_checkpoint: str, base: str | None = None) -> Lo
     if lora is not None:
         add_adapters(model, lora)  # the checkpoint's names: base_layer + lora_A/lora_B
     sd = model.state_dict()
-    dcp.load({"model": sd}, storage_reader=storage_reader(entry.uri))
+    load_or_name_the_checkpoint(lambda: dcp.load({"model": sd}, storage_reader=storage_reader(entry.uri)), entry.uri)
     model.load_state_dict(sd)
     return LoadedCheckpoint(model, entry, state, base, lora)
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from raycpt.checkpoint.layout import CheckpointEntry, checkpoint_uri_of, latest_committed
-from raycpt.checkpoint.state import ResumeError, TrainState, read_train_state
+from raycpt.checkpoint.integrity import check_checkpoint, newest_loadable
+from raycpt.checkpoint.layout import CheckpointEntry, checkpoint_uri_of
+from raycpt.checkpoint.state import ResumeError, TrainState
 from raycpt.config import JobConfig
 
 __all__ = ["ResumeError", "StartDecision", "check_resume_config", "decide_start", "flatten"]
@@ -68,6 +69,12 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[t
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def allow_key(key: str) -> str:
+    """The narrowest `resume.allow_changes` entry that admits a change of `key`: its resume-critical
+    key (`data.sources[0].path` -> `data.sources`, not `data`)."""
+    return next((c for c in RESUME_CRITICAL if key == c or key.startswith((c + ".", c + "["))), key)
+
+
 def _allowed(key: str, allow: list[str]) -> bool:
     return any(key == p or key.startswith(p + ".") or key.startswith(p + "[") for p in allow)
 
@@ -89,7 +96,7 @@ def check_resume_config(saved: dict[str, Any], job: JobConfig) -> list[str]:
     blocked = [d for d in diffs if not _allowed(d[0], job.resume.allow_changes)]
     if blocked:
         lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, old, new in blocked)
-        keys = sorted({k.split("[")[0].rsplit(".", 1)[0] if "[" in k else k for k, _, _ in blocked})
+        keys = sorted({allow_key(k) for k, _, _ in blocked})
         raise ResumeError(
             f"run {job.run.name}: the config changed since its last checkpoint:\n{lines}\n"
             f"Revert the change, use another run.name, or mark it intended with "
@@ -100,9 +107,9 @@ def check_resume_config(saved: dict[str, Any], job: JobConfig) -> list[str]:
 
 def decide_start(job: JobConfig) -> StartDecision:
     run_uri = job.run_uri
-    latest = latest_committed(run_uri)
-    if latest is not None:
-        state = read_train_state(latest.uri)
+    found = newest_loadable(run_uri)  # a damaged newest checkpoint falls back to the previous one, logged
+    if found is not None:
+        latest, state = found
         return StartDecision("resume", latest, state, True,
                              f"resuming step {state.step} of run {job.run.name} from {latest.uri}")
     init = job.model.init
@@ -110,7 +117,7 @@ def decide_start(job: JobConfig) -> StartDecision:
         entry = checkpoint_uri_of(init.run)
         if entry is None:
             raise ResumeError(f"model.init.run: {init.run} has no committed checkpoint to start from")
-        return StartDecision("fresh_run", entry, read_train_state(entry.uri),
+        return StartDecision("fresh_run", entry, check_checkpoint(entry),
                              init.load == "weights+optimizer",
                              f"fresh from run checkpoint {entry.uri} ({init.load})")
     if job.model.base:

@@ -103,10 +103,30 @@ def _split(raw: dict[str, Any], name: str) -> Split:
     return Split(tuple(ShardFile(f["path"], int(f["rows"])) for f in files))
 
 
+_REQUIRED_FIELDS = ("seq_len", "rows_per_row_group", "tokenizer", "splits", "input_fingerprint")
+
+
+def check_source_path(uri: str, key: str) -> None:
+    """A local source path must be a folder: say so when it is missing, or a file (manifest.json itself)."""
+    path = storage.local_path(uri)
+    if path is None:
+        return  # object storage: a prefix is not a folder; a missing manifest says enough
+    import os
+
+    if not os.path.exists(path):
+        raise DataError(f"{key}: {uri} does not exist; check the path, or run `raycpt prepare --output {uri}`")
+    if os.path.isfile(path):
+        if os.path.basename(path) == MANIFEST_NAME:
+            raise DataError(f"{key}: {uri} is the manifest itself; give the folder that holds it "
+                            f"({os.path.dirname(path)})")
+        raise DataError(f"{key}: {uri} is a file; give a folder written by `raycpt prepare` (it holds {MANIFEST_NAME})")
+
+
 def read_manifest(uri: str, key: str = "data.sources[*].path", for_training: bool = True) -> Manifest:
     """Read and check a source's manifest; errors name the folder and the config key.
 
     `for_training=False` (probes, `raycpt eval`): held-out rows are enough."""
+    check_source_path(uri, key)
     muri = storage.join(uri, MANIFEST_NAME)
     try:
         raw = storage.read_json(muri)
@@ -117,17 +137,29 @@ def read_manifest(uri: str, key: str = "data.sources[*].path", for_training: boo
         ) from None
     except json.JSONDecodeError as e:
         raise DataError(f"{muri}: not valid JSON ({e}); re-run `raycpt prepare`") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{key}: {muri} is not text; re-run `raycpt prepare`") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{key}: {muri} is not a manifest (a JSON object); re-run `raycpt prepare`")
     if raw.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{muri}: format_version {raw.get('format_version')} is not {FORMAT_VERSION}; re-prepare it")
-    m = Manifest(
-        uri=uri.rstrip("/"),
-        seq_len=int(raw["seq_len"]),
-        rows_per_row_group=int(raw["rows_per_row_group"]),
-        tokenizer=raw["tokenizer"],
-        train=_split(raw, "train"),
-        eval=_split(raw, "eval"),
-        raw=raw,
-    )
+    missing = [k for k in _REQUIRED_FIELDS if k not in raw]
+    if missing:
+        raise DataError(f"{key}: {muri} lacks {', '.join(missing)}; it was not written by `raycpt prepare` "
+                        "(or was edited): re-run prepare")
+    try:
+        m = Manifest(
+            uri=uri.rstrip("/"),
+            seq_len=int(raw["seq_len"]),
+            rows_per_row_group=int(raw["rows_per_row_group"]),
+            tokenizer=raw["tokenizer"],
+            train=_split(raw, "train"),
+            eval=_split(raw, "eval"),
+            raw=raw,
+        )
+        m.vocab_size  # noqa: B018 - must parse here, not in the middle of training
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{key}: {muri} has a malformed field ({type(e).__name__}: {e}); re-run `raycpt prepare`") from None
     if for_training and m.train.rows == 0 and m.eval.rows > 0:
         raise DataError(f"{key}: {uri} has no training rows, it holds only held-out rows (an eval-only source, "
                         "prepared with --eval-fraction 1); list it under eval.probes instead, or re-prepare it "

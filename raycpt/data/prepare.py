@@ -224,10 +224,11 @@ def input_fingerprint(files: list[tuple[str, int]], opts: PrepareOptions, tok_id
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
-    """Run the preparation on the current Ray cluster; return the manifest (also written)."""
-    import ray
-    from transformers import AutoTokenizer
+def check_options(opts: PrepareOptions) -> list[tuple[str, int]]:
+    """What `prepare` can refuse before Ray starts, each naming the flag: numbers in range, the
+    tokenizer loads, --output is not a file, storage answers, inputs exist and are not all binary.
+    Returns the input files."""
+    from raycpt.model.hf import ModelError, load_tokenizer
 
     storage.configure_storage(opts.s3_endpoint_url)
     if opts.seq_len < 2:
@@ -235,9 +236,51 @@ def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
     if not 0 <= opts.eval_fraction <= 1:
         raise DataError("--eval-fraction: must be in [0, 1] (1: every document held out, an eval-only source "
                         "for eval.probes)")
+    out_path = storage.local_path(opts.output)
+    if out_path is not None and os.path.exists(out_path) and not os.path.isdir(out_path):
+        raise DataError(f"--output {opts.output}: is a file; give a new folder (or one an earlier prepare wrote)")
+    for uri, flag in [(opts.output, "--output"), *((i, "--input") for i in opts.inputs)]:
+        storage.check_reachable(uri, flag)
+    if not os.path.isdir(opts.tokenizer_dir):
+        raise DataError(f"--tokenizer {opts.tokenizer_dir}: no such folder; give the base model's HF folder")
+    try:
+        load_tokenizer(opts.tokenizer_dir, key="--tokenizer")
+    except ModelError as e:
+        raise DataError(str(e)) from None
+    files = expand_inputs(opts.inputs)
+    binary = [u for u, _ in files if _looks_binary(u)]
+    if binary and len(binary) == len(files):
+        raise DataError(f"--input {' '.join(opts.inputs)}: {len(binary)} file(s) are binary, not text (e.g. "
+                        f"{binary[0]}); give txt, jsonl or Parquet text")
+    return files
+
+
+def _looks_binary(uri: str) -> bool:
+    if uri.lower().endswith((*PARQUET_SUFFIXES, ARROW_SUFFIX)):  # columnar files are binary by design
+        return False
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError:
+        return False  # unreadable: iter_documents names it
+    if b"\x00" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < len(head) - 4  # not a multi-byte character cut by the 8 KB window
+    return False
+
+
+def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
+    """Run the preparation on the current Ray cluster; return the manifest (also written)."""
+    import ray
+    from transformers import AutoTokenizer
+
+    files = check_options(opts)
     tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer_dir)
     tok_id = tokenizer_identity(tokenizer, os.path.basename(opts.tokenizer_dir.rstrip("/")))
-    files = expand_inputs(opts.inputs)
     if opts.max_files:
         files = files[: opts.max_files]
     for uri in {os.path.dirname(u): u for u, _ in reversed(files) if u.endswith(ARROW_SUFFIX)}.values():
@@ -253,6 +296,9 @@ def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
             f"--output {opts.output}: holds a different dataset (fingerprint {existing.get('input_fingerprint')} "
             f"vs {fingerprint}); choose another --output or delete it first"
         )
+    # A DataError met by a packer (a broken jsonl line ...) reaches the CLI as itself, not inside
+    # Ray Data's UserCodeException (whose pickled form loses the original).
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     groups = group_files(files, opts.group_bytes)
     log(f"prepare: {len(files)} files in {len(groups)} groups -> {opts.output} (seq_len {opts.seq_len})")
     items = [{"group": i, "files": json.dumps(g)} for i, g in enumerate(groups)]

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from raycpt import storage
 from raycpt.config import JobConfig, source_weights
 from raycpt.data.manifest import DataError, Manifest, read_manifest
+from raycpt.data.verify import check_token_rows
 from raycpt.data.plan import BlendPlan, PlanState, SourceSpec, split_sample_id, worker_slice
 
 # Ray Data is asked for this many steps per dataset; a long run chains datasets.
@@ -143,9 +144,7 @@ class BatchReader:
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"{uri}: row group {group} unreadable ({type(e).__name__}: {e}); re-run prepare") from None
             arr = col.combine_chunks().values.to_numpy().reshape(-1, self.spec.seq_len)
-            if arr.size and (int(arr.max()) >= self.spec.vocab_size or int(arr.min()) < 0):
-                raise DataError(f"{uri}: token id {int(arr.max())} outside the model's vocab "
-                                f"(size {self.spec.vocab_size}); the shards do not belong to this model")
+            check_token_rows(arr, uri, group * self.spec.rows_per_row_group[source], self.spec.vocab_size)
             return arr
 
         return self.cache.get((source, shard, group), load)
@@ -262,6 +261,7 @@ class DataStream:
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        ctx.raise_original_map_exception = True  # a reader's DataError reaches the loop as itself (no retry)
         while self.step < self.end_step:
             # The loop has taken every batch of the previous dataset, so this holder is at `first`.
             first = self.step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -66,3 +67,48 @@ def check_data_fits_model(job, manifests: list[Manifest], tokenizer_id: dict | N
     problems += task_problems(job)
     if problems:
         raise DataError("the data does not fit the model:\n  " + "\n  ".join(problems))
+
+
+def check_token_rows(rows: np.ndarray, uri: str, first_row: int, vocab_size: int, key: str = "data.sources") -> None:
+    """Raise DataError naming the shard and row when a row holds a token id outside [0, vocab_size).
+
+    `rows` are consecutive rows of the shard `uri` starting at row `first_row`. The reader calls this
+    on every row group it decodes, and the driver on the eval rows: Parquet statistics (which the
+    footer check reads) are optional, so a shard without them is only caught here."""
+    from raycpt.data.manifest import DataError
+
+    if not rows.size:
+        return
+    bad = (rows >= vocab_size) | (rows < 0)
+    if not bad.any():
+        return
+    r, c = (int(x) for x in np.argwhere(bad)[0])
+    raise DataError(f"{key}: shard {uri} row {first_row + r} holds token id {int(rows[r, c])} at position {c}, "
+                    f"outside the model's vocab (size {vocab_size}); the shards do not belong to this model or "
+                    "were damaged: re-run prepare with --tokenizer <model.base>")
+
+
+def eval_row_problems(m: Manifest, key: str, vocab_size: int, max_rows: int) -> list[str]:
+    """The eval rows training will use (the first `max_rows` of the eval split), read and checked
+    like training rows: readable, token ids inside the vocab. A few rows per source: cheap."""
+    from raycpt.data.manifest import DataError
+
+    problems, need = [], max_rows
+    for f in m.eval.files:
+        if need <= 0:
+            break
+        uri = m.file_uri(f)
+        fs, path = storage.pyarrow_filesystem(uri)
+        try:
+            table = storage.with_retries(lambda: pq.read_table(path, filesystem=fs), f"reading {uri}")
+            rows = table.column(0).combine_chunks().values.to_numpy().reshape(-1, m.seq_len)[:need]
+            check_token_rows(rows, uri, 0, vocab_size, key)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        except Exception as e:  # noqa: BLE001 - whatever the reader says, name the file
+            problems.append(f"{key}: eval shard {uri} is not readable ({type(e).__name__}: {str(e)[:160]}); "
+                            "re-run prepare")
+            continue
+        need -= len(rows)
+    return problems

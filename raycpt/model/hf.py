@@ -24,12 +24,58 @@ class ModelError(RaycptError, ValueError):
     """A base model that cannot be used; names the config key and the fix."""
 
 
-def check_base_folder(base: str) -> None:
-    if not os.path.isdir(base):
-        raise ModelError(f"model.base: {base} is not a folder; point it at an HF model folder "
+# Any one of these makes a folder loadable by AutoTokenizer (fast tokenizer, sentencepiece, BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "vocab.txt")
+
+
+def check_base_folder(base: str, key: str = "model.base") -> None:
+    """The folder is there and its config.json parses (cheap: no tokenizer or weights read)."""
+    if not os.path.exists(base):
+        raise ModelError(f"{key}: {base} does not exist; point it at an HF model folder "
                          "(`raycpt import` makes one from a GGUF file)")
-    if not os.path.exists(os.path.join(base, "config.json")):
-        raise ModelError(f"model.base: {base} has no config.json; it is not an HF model folder")
+    if not os.path.isdir(base):
+        raise ModelError(f"{key}: {base} is a file, not a folder; point it at the HF model folder that holds "
+                         "config.json, *.safetensors and the tokenizer (`raycpt import` makes one from a GGUF file)")
+    cfg = os.path.join(base, "config.json")
+    if not os.path.exists(cfg):
+        raise ModelError(f"{key}: {base} has no config.json; it is not an HF model folder")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            parsed = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{key}: {cfg} is not valid JSON ({e}); restore it from the model's source") from None
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ModelError(f"{key}: {cfg} has no model_type; it is not an HF model config")
+
+
+def check_model_folder(base: str, key: str = "model.base") -> None:
+    """Everything training reads from a base model folder, checked on the driver before Ray starts:
+    config, tokenizer files, and every safetensors file's header (each must open; no tensor is read)."""
+    from safetensors import safe_open
+
+    check_base_folder(base, key)
+    if not any(os.path.exists(os.path.join(base, n)) for n in TOKENIZER_FILES):
+        raise ModelError(f"{key}: {base} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                         "base model's tokenizer into it (AutoTokenizer.save_pretrained)")
+    files = sorted(glob.glob(os.path.join(base, "*.safetensors")))
+    if not files:
+        raise ModelError(f"{key}: {base} has no *.safetensors weights; save the model with "
+                         "save_pretrained(safe_serialization=True), or `raycpt import` a GGUF file")
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise ModelError(f"{key}: {f} is not readable (permissions); fix them")
+        try:
+            with safe_open(f, framework="pt") as h:
+                h.keys()
+        except Exception as e:  # noqa: BLE001 - a cut-off or foreign file: name it
+            raise ModelError(f"{key}: {f} is not a readable safetensors file ({type(e).__name__}: "
+                             f"{str(e)[:160]}); the download or copy was cut short") from None
+    try:
+        load_config(base)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers' own reasons (unknown model_type ...)
+        raise ModelError(f"{key}: {base}/config.json cannot be loaded ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def load_config(base: str):
@@ -39,10 +85,16 @@ def load_config(base: str):
     return AutoConfig.from_pretrained(base)
 
 
-def load_tokenizer(base: str):
+def load_tokenizer(base: str, key: str = "model.base"):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(base)
+    if not os.path.isdir(base):
+        raise ModelError(f"{key}: {base} is not a folder with a tokenizer (an HF model folder)")
+    try:
+        return AutoTokenizer.from_pretrained(base)
+    except Exception as e:  # noqa: BLE001 - transformers' reasons vary (missing files, bad JSON ...)
+        raise ModelError(f"{key}: no usable tokenizer in {base} ({type(e).__name__}: {str(e)[:200]}); copy the "
+                         "base model's tokenizer files into it (AutoTokenizer.save_pretrained)") from None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -135,13 +187,35 @@ def load_base_weights(model: nn.Module, folder: str) -> None:
         raise ModelError(f"model.base: {folder} lacks weights for {missing[:5]} ({len(missing)} in all)")
 
 
+_GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(gguf_file: str) -> None:
+    """A GGUF file starts with the bytes GGUF; anything else is refused before transformers reads it."""
+    if not os.path.exists(gguf_file):
+        raise ModelError(f"{gguf_file}: no such file; give the path of a .gguf model file")
+    if os.path.isdir(gguf_file):
+        raise ModelError(f"{gguf_file}: is a folder; give the .gguf file inside it")
+    with open(gguf_file, "rb") as f:
+        magic = f.read(4)
+    if magic != _GGUF_MAGIC:
+        raise ModelError(f"{gguf_file}: not a GGUF file (it does not start with {_GGUF_MAGIC!r}); "
+                         "give a .gguf model file (an HF folder needs no import: use it as model.base)")
+
+
 def import_gguf(gguf_file: str, output: str) -> str:
     """Write an HF folder (safetensors, config, tokenizer) from a GGUF file, dequantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_file(gguf_file)
     folder, name = os.path.split(os.path.abspath(gguf_file))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, EOFError, IndexError) as e:
+        # The gguf reader fails on a cut-off file with whatever numpy says about the short buffer.
+        raise ModelError(f"{gguf_file}: not a readable GGUF model ({type(e).__name__}: {str(e)[:200]}); "
+                         "the file may be truncated: download it again") from None
     config = model.config
     # A GGUF-loaded config carries the quantization that was undone; the saved folder is plain.
     cfg_dict = config.to_dict()
