@@ -246,6 +246,12 @@ class DataStream:
         self.plan.advance()
         return input_ids, sample_ids
 
+    def close(self) -> None:
+        """Stop the reader (Ray Data's prefetching threads) before the end of the steps."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+
     def _reader_spec(self) -> StreamSpec:
         return StreamSpec(**{**asdict(self.spec), "plan_state": self.state_dict()})
 

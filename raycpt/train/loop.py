@@ -68,7 +68,7 @@ def run_worker(config: dict[str, Any]) -> None:
     profiler = StepProfiler(list(hooks.profile) if hooks.profile else None, w.rank)
     window = MetricWindow(job, w.world, flops_per_token(n_params, model_config.num_hidden_layers,
                                                         model_config.hidden_size, job.data.seq_len),
-                          device_peak_flops(w.device), clock, stream)
+                          device_peak_flops(w.device), clock, stream, checkpointer)
     use_chunked_loss(model, job.model.loss_chunk_tokens)
     mlog = MetricsLog(job.run_uri, job.run.name, step, w.rank, job.metrics.tensorboard, job.metrics.mlflow_tracking_uri,
                       job.metrics.mlflow_experiment, params={"peak_lr": job.optim.peak_lr,
@@ -80,7 +80,6 @@ def run_worker(config: dict[str, Any]) -> None:
 
     def save(reason: str) -> None:
         stall = checkpointer.save(step, model, optimizer, capture_train_state(job, w, step, stream, eval_history, reason))
-        window.checkpoint_stall_s += stall
         mlog.flush()
         w.say(f"checkpoint: step {step} ({reason}) saving, loop blocked {stall:.2f}s")
         records.report(checkpointer.last_committed_step)  # the previous save, committed by now
@@ -152,6 +151,7 @@ def run_worker(config: dict[str, Any]) -> None:
             raise RuntimeError(f"stopped at step {step} by {stop.reason}; "
                                "checkpoint committed, resubmit the job to resume")
 
+    stream.close()
     checkpointer.close()
     records.report(checkpointer.last_committed_step)
     mlog.close()
