@@ -57,7 +57,8 @@ def plot_run(run_uri: str, output: str) -> str:
         role = roles.get(name)
         ax_loss.plot([s for s, _ in pts], [v for _, v in pts], marker="o", lw=2,
                      ls="--" if role == "replay" else "-",
-                     label=f"eval {name}" + (f" ({'old domain' if role == 'replay' else 'new domain'})" if role else ""))
+                     label=f"eval {name}"
+                     + (f" ({'old domain' if role == 'replay' else 'new domain'})" if role else ""))
     ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.set_title(f"{run_uri.rstrip('/').rsplit('/', 1)[-1]}: loss per domain")
     ax_loss.grid(alpha=0.3)

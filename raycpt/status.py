@@ -34,14 +34,15 @@ def format_status(st: dict[str, Any]) -> str:
     if st["latest_step"] is None:
         lines.append("  no committed checkpoint yet")
         return "\n".join(lines)
-    lines.append(f"  latest committed step {st['latest_step']}/{st['max_steps']} (written by {st['world_size']} workers)")
+    lines.append(f"  latest committed step {st['latest_step']}/{st['max_steps']} "
+                 f"(written by {st['world_size']} workers)")
     total = sum(st["tokens_per_source"].values())
     for name, n in st["tokens_per_source"].items():
         lines.append(f"  tokens {name:<16} {n:>14,} ({100 * n / max(total, 1):.1f}%)")
     if st.get("starts"):
         last = st["starts"][-1]
-        lines.append(f"  starts       {len(st['starts'])} ({len(st['starts']) - 1} restarts); the last: {last['kind']} at "
-                     f"step {last['step']} on {last['world_size']} workers")
+        lines.append(f"  starts       {len(st['starts'])} ({len(st['starts']) - 1} restarts); "
+                     f"the last: {last['kind']} at step {last['step']} on {last['world_size']} workers")
     lines.append("  checkpoints: " + ", ".join(f"{c['step']}{'' if c['committed'] else ' (incomplete)'}"
                                                for c in st["checkpoints"]))
     if st["last_eval"]:

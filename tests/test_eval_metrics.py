@@ -40,7 +40,8 @@ def test_eval_is_the_token_mean_over_all_rows_whatever_the_micro_batch():
         logits = model(input_ids=x).logits[:, :-1]
         expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 100), x[:, 1:].reshape(-1)).item()
     for micro in (1, 2, 5):
-        assert eval_losses(model, {"d": rows}, 0, 1, micro, torch.device("cpu"))["d"] == pytest.approx(expected, abs=1e-5)
+        got = eval_losses(model, {"d": rows}, 0, 1, micro, torch.device("cpu"))["d"]
+        assert got == pytest.approx(expected, abs=1e-5)
     assert eval_losses(model, {"d": rows[:0]}, 0, 1, 2, torch.device("cpu")) == {}  # no held-out rows: no entry
 
 

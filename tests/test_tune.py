@@ -47,7 +47,8 @@ def test_objective_on_known_numbers():
     assert mean.forgetting == pytest.approx(0.09)  # (0.2 - 0.02) / 2
     assert mean.objective == pytest.approx(2.0 + 10 * 0.04)
 
-    off = score({"code": 2.0, "english": 9.0, "wiki": 9.0}, base, ROLES, cfg.model_copy(update={"forgetting_penalty": 0}))
+    no_penalty = cfg.model_copy(update={"forgetting_penalty": 0})
+    off = score({"code": 2.0, "english": 9.0, "wiki": 9.0}, base, ROLES, no_penalty)
     assert off.objective == 2.0
 
     # The same numbers as the worker loop reports them to Ray.

@@ -27,7 +27,6 @@ from raycpt.checkpoint.attempt import AttemptFence
 from raycpt.checkpoint.layout import COMMIT_MARKER, list_checkpoints, step_uri, to_delete
 from raycpt.checkpoint.state import TrainState, write_train_state
 
-
 _WRITE_THREADS = 8
 
 

@@ -12,11 +12,11 @@ import shutil
 import torch
 import torch.distributed.checkpoint as dcp
 
-from raycpt.errors import RaycptError
 from raycpt import storage
 from raycpt.checkpoint.dcp import storage_reader
 from raycpt.checkpoint.layout import checkpoint_uri_of
 from raycpt.checkpoint.state import read_train_state
+from raycpt.errors import RaycptError
 
 
 class ExportError(RaycptError, RuntimeError):

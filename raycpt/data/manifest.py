@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from raycpt.errors import RaycptError
 from raycpt import storage
+from raycpt.errors import RaycptError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1

@@ -170,7 +170,8 @@ class GroupPacker:
         self.vocab_size = tokenizer_identity(self.tokenizer, "")["vocab_size"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[Any]] = {k: [] for k in ("group", "split", "path", "rows", "tokens", "documents", "dropped")}
+        keys = ("group", "split", "path", "rows", "tokens", "documents", "dropped")
+        out: dict[str, list[Any]] = {k: [] for k in keys}
         for group_id, files_json in zip(batch["group"], batch["files"]):
             for split, stats in self.pack_group(int(group_id), json.loads(files_json)).items():
                 out["group"].append(int(group_id))

@@ -141,7 +141,8 @@ class BatchReader:
             except DataError:
                 raise
             except Exception as e:  # noqa: BLE001
-                raise DataError(f"{uri}: row group {group} unreadable ({type(e).__name__}: {e}); re-run prepare") from None
+                raise DataError(f"{uri}: row group {group} unreadable ({type(e).__name__}: {e}); "
+                                "re-run prepare") from None
             arr = col.combine_chunks().values.to_numpy().reshape(-1, self.spec.seq_len)
             if arr.size and (int(arr.max()) >= self.spec.vocab_size or int(arr.min()) < 0):
                 raise DataError(f"{uri}: token id {int(arr.max())} outside the model's vocab "

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from transformers import PretrainedConfig
 
 from raycpt import storage
@@ -79,7 +78,8 @@ def run_worker(config: dict[str, Any]) -> None:
         run_evals(job, w, model, eval_rows, eval_history, mlog, step)
 
     def save(reason: str) -> None:
-        stall = checkpointer.save(step, model, optimizer, capture_train_state(job, w, step, stream, eval_history, reason))
+        state = capture_train_state(job, w, step, stream, eval_history, reason)
+        stall = checkpointer.save(step, model, optimizer, state)
         mlog.flush()
         w.say(f"checkpoint: step {step} ({reason}) saving, loop blocked {stall:.2f}s")
         records.report(checkpointer.last_committed_step)  # the previous save, committed by now
@@ -91,7 +91,8 @@ def run_worker(config: dict[str, Any]) -> None:
 
     # ---- The loop --------------------------------------------------------------------------------
     w.say(f"training: {n_params / 1e6:.1f}M params on {w.world} {w.device.type} worker(s), global batch "
-          f"{job.train.global_batch_size} x {job.data.seq_len} tokens, accum {accum}, steps {step}->{job.train.max_steps}")
+          f"{job.train.global_batch_size} x {job.data.seq_len} tokens, accum {accum}, "
+          f"steps {step}->{job.train.max_steps}")
     clock.mark()
     first_step = step
     while step < job.train.max_steps:

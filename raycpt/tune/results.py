@@ -123,7 +123,8 @@ def collect(uri: str, job: JobConfig, tune: TuneSection) -> SweepSummary:
         if history:
             s = score(history[-1]["loss"], history[0]["loss"], roles, tune.objective)
             row.eval_step = history[-1]["step"]
-            row.objective, row.new_loss, row.old_loss, row.forgetting = s.objective, s.new_loss, s.old_loss, s.forgetting
+            row.objective, row.new_loss = s.objective, s.new_loss
+            row.old_loss, row.forgetting = s.old_loss, s.forgetting
         row.status = _status(row, budget)
         summary.rows.append(row)
     _rank(summary)
@@ -179,7 +180,8 @@ def format_table(summary: SweepSummary) -> str:
                        f"{r.steps}/{summary.budget_steps}", f"{r.status} {mark}".strip()])
     widths = [max(len(h), *(len(_fmt(b[i], 0).strip()) for b in body)) if body else len(h)
               for i, h in enumerate(heads)]
-    lines = ["  ".join(h.ljust(w) if i in (0, len(heads) - 1) else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
+    lines = ["  ".join(h.ljust(w) if i in (0, len(heads) - 1) else h.rjust(w)
+                       for i, (h, w) in enumerate(zip(heads, widths)))]
     for b in body:
         cells = [str(b[0]).ljust(widths[0])] + [_fmt(v, w) for v, w in zip(b[1:-1], widths[1:-1])] + [str(b[-1])]
         lines.append("  ".join(cells))
