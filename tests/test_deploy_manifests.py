@@ -223,6 +223,35 @@ def test_kuberay_admission_rules(item):
         if "submitterPodTemplate" in s:
             assert s["submitterPodTemplate"]["spec"].get("restartPolicy") in ("Never", "OnFailure")
         yaml.safe_load(s.get("runtimeEnvYAML", "") or "{}")
+        assert s.get("activeDeadlineSeconds", 1) > 0, "activeDeadlineSeconds must be a positive integer"
+        if not s.get("shutdownAfterJobFinishes"):
+            assert not s.get("ttlSecondsAfterFinished"), "ttlSecondsAfterFinished needs shutdownAfterJobFinishes"
+        strategy = s.get("deletionStrategy")
+        if strategy is not None:
+            rules = strategy.get("deletionRules") or []
+            legacy = "onSuccess" in strategy or "onFailure" in strategy
+            assert bool(rules) != legacy, "deletionStrategy: deletionRules, or both onSuccess and onFailure"
+            if rules:
+                assert not s.get("shutdownAfterJobFinishes"), \
+                    "shutdownAfterJobFinishes and deletionRules exclude each other"
+                autoscaling = s.get("rayClusterSpec", {}).get("enableInTreeAutoscaling", False)
+                seen = set()
+                for r in rules:
+                    c = r["condition"]
+                    assert ("jobStatus" in c) != ("jobDeploymentStatus" in c), f"{r}: jobStatus or jobDeploymentStatus"
+                    assert not (autoscaling and r["policy"] == "DeleteWorkers"), "DeleteWorkers needs autoscaling off"
+                    key = (c.get("jobStatus"), r["policy"])
+                    assert key not in seen, f"duplicate deletion rule {key}"
+                    seen.add(key)
+                order = ("DeleteWorkers", "DeleteCluster", "DeleteSelf")  # TTLs may not decrease along it
+                for status in {c.get("jobStatus") for c in (r["condition"] for r in rules)}:
+                    ttls = [next(r["condition"].get("ttlSeconds", 0) for r in rules
+                                 if r["condition"].get("jobStatus") == status and r["policy"] == p)
+                            for p in order if any(r["condition"].get("jobStatus") == status and r["policy"] == p
+                                                  for r in rules)]
+                    assert ttls == sorted(ttls), f"jobStatus {status}: TTLs must follow Workers <= Cluster <= Self"
+            else:
+                assert "onSuccess" in strategy and "onFailure" in strategy
         if "rayClusterSpec" not in s:
             return
     spec = _cluster_spec(doc)
@@ -420,10 +449,21 @@ def test_head_takes_no_work_and_is_not_exposed(where, spec):
 
 @pytest.mark.parametrize("where,spec", _cluster_specs(), ids=[w for w, _ in _cluster_specs()])
 def test_workers_are_on_spot(where, spec):
+    """Every worker group is on spot, except on-demand fallbacks the autoscaler ranks below the
+    spot groups of their kind (a lower `priority`), for when spot capacity is gone."""
     groups = spec.get("workerGroupSpecs", [])
     assert _gpu_groups(spec), "no GPU worker group"
+    spot = [g for g in groups if _pinned_to(g["template"], SPOT_LABELS)]
     for g in groups:
         t = g["template"]
+        if g not in spot and _pinned_to(t, ON_DEMAND_LABELS):
+            gpu = g in _gpu_groups(spec)  # priorities rank the groups that can take the same work
+            peers = [s for s in spot if (s in _gpu_groups(spec)) == gpu]
+            assert peers, f"{g['groupName']}: an on-demand group is a fallback for a spot group of its kind"
+            assert g.get("priority", 0) < min(s.get("priority", 0) for s in peers), \
+                f"{g['groupName']}: an on-demand group needs a lower priority than the spot groups of its kind"
+            assert g["minReplicas"] == 0, f"{g['groupName']}: minReplicas 0 (on-demand only while needed)"
+            continue
         assert _pinned_to(t, SPOT_LABELS), f"{g['groupName']}: select spot nodes (nodeSelector / required affinity)"
         keys = {tol.get("key") for tol in t["spec"].get("tolerations", [])}
         assert keys & {"spot", "karpenter.sh/capacity-type", "cloud.google.com/gke-spot",
@@ -550,8 +590,18 @@ def test_rayjob_retries_on_a_fresh_cluster_and_cleans_up(item):
     _, doc = item
     s = doc["spec"]
     assert s.get("backoffLimit", 0) >= 1, "backoffLimit >= 1: a failed attempt restarts on a fresh cluster"
-    assert s.get("shutdownAfterJobFinishes") is True
-    assert isinstance(s.get("ttlSecondsAfterFinished"), int) and s["ttlSecondsAfterFinished"] >= 0
+    assert isinstance(s.get("activeDeadlineSeconds"), int) and s["activeDeadlineSeconds"] >= 24 * 3600, \
+        "activeDeadlineSeconds: a cap on the job's wall-clock time (days for a CPT run)"
+    # The cluster is deleted however the job ends: by deletion rules for every outcome (KubeRay
+    # forbids shutdownAfterJobFinishes beside them), or by the legacy shutdown flag.
+    rules = s.get("deletionStrategy", {}).get("deletionRules")
+    if rules:
+        covered = {r["condition"].get("jobStatus") or f"deployment:{r['condition'].get('jobDeploymentStatus')}"
+                   for r in rules if r["policy"] in ("DeleteCluster", "DeleteSelf")}
+        assert {"SUCCEEDED", "FAILED", "deployment:Failed"} <= covered, f"deletion rules leave a cluster: {covered}"
+    else:
+        assert s.get("shutdownAfterJobFinishes") is True
+        assert isinstance(s.get("ttlSecondsAfterFinished"), int) and s["ttlSecondsAfterFinished"] >= 0
     assert s.get("submissionMode") == "K8sJobMode"
     assert "rayClusterSpec" in s and "clusterSelector" not in s
     assert not s.get("suspend")
@@ -760,3 +810,18 @@ def test_documented_operator_version_matches_the_schemas():
     versions = set(re.findall(r"kuberay/kuberay-operator --version (\S+)", text))
     assert versions == {"1.7.0"}, f"docs/deploying.md installs KubeRay {versions}; schemas are v1.7.0"
     assert "v1.7.0" in (REPO_SCHEMAS / "README.md").read_text()
+
+
+@pytest.mark.parametrize("item", RAYJOBS, ids=_id)
+def test_rayjob_shows_the_kueue_labels_to_opt_in(item):
+    """Kueue is optional: its labels stand commented on every RayJob (an active queue-name would
+    keep the job suspended where no such LocalQueue exists); the text names them exactly."""
+    path, doc = item
+    text = path.read_text()
+    assert "# kueue.x-k8s.io/queue-name: " in text, f"{path.name}: show the Kueue queue-name label (commented)"
+    assert "kueue.x-k8s.io/queue-name" not in doc["metadata"].get("labels", {}), \
+        f"{path.name}: the Kueue label is opt-in; leave it commented in the shipped manifest"
+    uncommented = yaml.safe_load(text.replace("# kueue.x-k8s.io/", "kueue.x-k8s.io/"))
+    labels = uncommented["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?",
+                                                               labels["kueue.x-k8s.io/queue-name"])

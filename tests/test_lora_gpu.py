@@ -31,7 +31,7 @@ def test_lora_under_fsdp2_bf16_trains_adapters_and_embeddings_only(tmp_path):
         model = build_sharded_model(load_config(base), init_device_mesh("cuda", (1,)), device,
                                     param_dtype=torch.bfloat16, attn_implementation="sdpa",
                                     activation_checkpointing=True, compile_blocks=False, weights_from=base,
-                                    prepare=partial_training(cfg))
+                                    prepare=partial_training(cfg), single_worker="fsdp2")
         init_adapters(model, seed=0)
         total, trainable = count_params(model)
         assert 0 < trainable < total

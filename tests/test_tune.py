@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -83,7 +84,7 @@ def test_sweep_section_loads_with_defaults_and_nested_keys(tmp_path):
     job, tune = parse_sweep(_tree(tmp_path, space={"optim": {"peak_lr": {"loguniform": [1e-5, 1e-2]}},
                                                     "data.replay_ratio": {"grid": [0.1, 0.3]}}), tmp_path)
     assert list(tune.space) == ["optim.peak_lr", "data.replay_ratio"]
-    assert tune.name == "tiny-sweep" and tune.seed == 0 and tune.scheduler.kind == "asha"
+    assert tune.name == "tiny-sweep" and tune.seed == 0 and tune.scheduler.kind == "auto"
     assert job.run.name == "tiny"
     # `raycpt train` reads the same file and ignores the section.
     path = tmp_path / "sweep.yaml"
@@ -93,7 +94,7 @@ def test_sweep_section_loads_with_defaults_and_nested_keys(tmp_path):
 
 
 def test_sweep_section_errors_name_the_key(tmp_path):
-    bad = _tree(tmp_path, num_samples=0, scheduler={"kind": "hyperband"},
+    bad = _tree(tmp_path, num_samples=0, scheduler={"kind": "bohb"},
                 space={"optim.peak_lr": {"loguniform": [0, 1e-3]}, "data.replay_ratio": {"uniform": [0.1, 0.2],
                                                                                          "grid": [0.1]}})
     with pytest.raises(ConfigError) as e:
@@ -119,7 +120,7 @@ def test_sweep_section_errors_name_the_key(tmp_path):
 
     no_eval = _tree(tmp_path)
     no_eval["eval"].pop("interval_steps")
-    with pytest.raises(ConfigError, match=r"eval.interval_steps: early stopping \(asha\) needs evaluations"):
+    with pytest.raises(ConfigError, match=r"eval.interval_steps: early stopping \(auto\) needs evaluations"):
         parse_sweep(no_eval, tmp_path)
 
 
@@ -281,3 +282,145 @@ def test_killed_sweep_continues_when_the_command_runs_again(tmp_path, tiny_model
 
     # 3. A changed sweep is refused instead of mixed into this one.
     assert main(["tune", str(path), "tune.num_samples=5"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The forgetting budget over probes and replay: ranking, table, best.yaml, Pareto PNG
+
+
+ROLES_P = {**ROLES, "wiki": "probe"}
+BASE0 = {"step": 0, "loss": {"code": 2.5, "english": 3.0}, "probe_loss": {"wiki": 3.0}}
+
+
+def test_budget_objective_ranks_every_trial_within_the_budget_first():
+    cfg = ObjectiveSection(forgetting_budget=0.03, relative=True, over=["probes", "replay"])
+    assert cfg.kind == "budget"
+    base = {"code": 2.5, "english": 3.0, "wiki": 3.0}
+    within = score({"code": 2.4, "english": 2.97, "wiki": 3.06}, base, ROLES_P, cfg)  # wiki +2%
+    assert within.within_budget and within.objective == 2.4 and within.worst == "wiki"
+    assert within.by_set == pytest.approx({"english": -0.01, "wiki": 0.02})
+    over_a_bit = score({"code": 1.0, "english": 3.0, "wiki": 3.12}, base, ROLES_P, cfg)  # wiki +4%
+    over_more = score({"code": 0.5, "english": 3.3, "wiki": 3.0}, base, ROLES_P, cfg)    # english +10%
+    assert not over_a_bit.within_budget and over_a_bit.objective == pytest.approx(1000 + 0.01)
+    assert within.objective < over_a_bit.objective < over_more.objective  # closest first, whatever the new loss
+    assert over_more.worst == "english"
+    # Replay alone cannot see the probe: the same numbers are within a replay-only budget.
+    replay_only = score({"code": 1.0, "english": 3.0, "wiki": 3.12}, base, ROLES_P,
+                        cfg.model_copy(update={"over": ["replay"]}))
+    assert replay_only.within_budget and replay_only.objective == 1.0
+    # The penalty form over probes, in nats.
+    pen = score({"code": 2.0, "english": 3.0, "wiki": 3.2}, base, ROLES_P,
+                ObjectiveSection(forgetting_tolerance=0.05, forgetting_penalty=10.0))
+    assert pen.objective == pytest.approx(2.0 + 10 * 0.15) and pen.within_budget is None
+    # As the loop reports them (probe losses under eval/probe_loss/).
+    report = {"eval/loss/code": 2.4, "eval/loss/english": 2.97, "eval/forgetting/english": -0.03,
+              "eval/probe_loss/wiki": 3.06, "eval/probe_forgetting/wiki": 0.06}
+    assert score_report(report, ROLES_P, cfg).as_metrics() == pytest.approx(within.as_metrics())
+    assert within.as_metrics()["within_budget"] == 1.0 and "forgetting/wiki" in within.as_metrics()
+    with pytest.raises(ConfigError, match=r"tune.objective.over: \['probes'\] names no set this job evaluates"):
+        parse_sweep({**_tree(Path("/tmp")), "tune": {"space": {"optim.peak_lr": {"choice": [1e-3]}},
+                                                     "objective": {"forgetting_budget": 0.1, "over": ["probes"]}}},
+                    "/tmp")
+    with pytest.raises(ConfigError, match="forgetting_budget"):
+        parse_sweep({**_tree(Path("/tmp")), "tune": {"space": {"optim.peak_lr": {"choice": [1e-3]}},
+                                                     "objective": {"kind": "budget"}}}, "/tmp")
+
+
+def _fake_sweep(root, budget: float) -> str:
+    """A sweep folder as `raycpt tune` leaves it (definition, trials, each trial's eval.json),
+    for trials with known losses: C is the best within a 3% budget, D the closest over it."""
+    from raycpt.tune.config import TuneSection
+
+    tree = tiny_job_tree(str(root), "/models/tiny", {"code": "/data/code", "english": "/data/en"},
+                         eval={"interval_steps": 4, "max_rows": 4, "probes": [{"name": "wiki", "path": "/data/wiki"}]})
+    tune = {"name": "fake", "space": {"optim.peak_lr": {"loguniform": [1e-4, 1e-2]},
+                                      "model.lora": {"choice": [None, {"rank": 8}]}},
+            "max_steps_per_trial": 8, "evaluate_job_config": False,
+            "objective": {"forgetting_budget": budget, "relative": True, "over": ["probes", "replay"]}}
+    uri = str(root / "fake")
+    job = parse_job(tree)
+    storage.write_json(f"{uri}/sweep.json", {"format_version": 1, "fingerprint": "x",
+                                             "job": job.model_dump(mode="json"),
+                                             "tune": TuneSection.model_validate(tune).model_dump(mode="json")})
+    trials = {  # id: (peak_lr, lora, step, new loss, english, wiki)
+        "A": (8e-3, None, 8, 2.00, 3.03, 3.30), "B": (1e-4, None, 8, 2.20, 2.94, 3.06),
+        "C": (5e-4, {"rank": 8}, 8, 2.10, 3.00, 3.075), "D": (1e-3, None, 8, 2.05, 3.00, 3.12),
+        "E": (9e-3, None, 4, 1.90, 3.00, 3.00)}
+    entries = {}
+    for tid, (lr, lora, step, new, en, wiki) in trials.items():
+        entries[tid] = {"run_name": f"trial-{tid}", "values": {"optim.peak_lr": lr, "model.lora": lora},
+                        "status": "TERMINATED"}
+        storage.write_json(f"{uri}/runs/trial-{tid}/metrics/eval.json",
+                           [BASE0, {"step": step, "loss": {"code": new, "english": en}, "probe_loss": {"wiki": wiki}}])
+    storage.write_json(f"{uri}/trials.json", {"trials": entries})
+    return uri
+
+
+def test_budget_table_best_yaml_and_pareto_png(tmp_path):
+    from raycpt.cli import main
+    from raycpt.tune.results import collect, format_summary, read_definition, write_results
+
+    uri = _fake_sweep(tmp_path, 0.03)
+    job, tune, _ = read_definition(uri)
+    summary = collect(uri, job, tune)
+    rows = {r.trial_id: r for r in summary.rows}
+    assert summary.best.trial_id == "C" and summary.closest is None
+    assert [rows[t].within_budget for t in "ABCD"] == [False, True, True, False]
+    assert rows["E"].status == "stopped early" and not rows["E"].best  # 4 of 8 steps: not comparable
+    assert rows["D"].objective == pytest.approx(1000 + 0.01) and rows["D"].worst == "wiki"
+    text = format_summary(summary)
+    head = text.splitlines()[1]
+    assert "forgot english" in head and "forgot wiki" in head and "worst" in head and "budget" in head
+    assert "+2.5%" in text and "within" in text and "over" in text
+    assert "best: trial C" in text and "subject to forgetting" in text
+    write_results(summary, job, tune)
+    best = yaml.safe_load(storage.read_bytes(f"{uri}/best.yaml").decode())
+    assert best["model"]["lora"]["rank"] == 8 and best["optim"]["peak_lr"] == 5e-4
+
+    png = tmp_path / "pareto.png"
+    assert main(["plot", uri, "--output", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A budget no trial meets: no best, the closest named, the stale best.yaml gone.
+    tight = _fake_sweep(tmp_path / "tight", 0.01)
+    job, tune, _ = read_definition(tight)
+    summary = collect(tight, job, tune)
+    storage.write_bytes(f"{tight}/best.yaml", b"stale")
+    write_results(summary, job, tune)
+    assert summary.best is None and summary.closest.trial_id == "B"  # wiki +2%, 1 point over
+    assert not storage.exists(f"{tight}/best.yaml")
+    text = format_summary(summary)
+    assert "no trial met the forgetting budget (1.0%)" in text and "the closest: trial B" in text
+    row_b = next(line for line in text.splitlines() if line.startswith("B "))
+    assert row_b.endswith("done closest *") and "over" in row_b
+
+
+def test_every_shipped_sweep_yaml_loads():
+    from pathlib import Path as P
+
+    for path in sorted((P(__file__).resolve().parents[1] / "jobs").glob("sweep*.yaml")):
+        job, tune = load_sweep(path)
+        assert tune.space and job.run.name, path
+
+
+def test_recipe_keys_beyond_lr_and_replay_are_searchable(tmp_path):
+    from raycpt.tune.config import trial_tree
+    from raycpt.tune.results import default_values
+
+    tree = _tree(tmp_path, space={
+        "optim.peak_lr": {"loguniform": [1e-5, 1e-2]},
+        "optim.embedding_lr_ratio": {"choice": [0.1, 1.0]},
+        "model.lora": {"choice": [None, {"rank": 16, "alpha": 32}]},
+        "model.freeze_layers": {"grid": [0, 1]},
+        "optim.schedule": {"choice": ["cosine", "wsd"]},
+        "optim.min_lr_ratio": {"uniform": [0.0, 0.2]}})
+    job, tune = parse_sweep(tree, tmp_path)
+    values = {"optim.peak_lr": 2e-3, "optim.embedding_lr_ratio": 0.1, "model.lora": {"rank": 16, "alpha": 32},
+              "model.freeze_layers": 1, "optim.schedule": "wsd", "optim.min_lr_ratio": 0.1}
+    trial = parse_job(trial_tree(job.model_dump(mode="json"), tune, values, "t", str(tmp_path)))
+    assert trial.model.lora.rank == 16 and trial.model.freeze_layers == 1 and trial.optim.schedule == "wsd"
+    assert trial.optim.min_lr == pytest.approx(2e-4)  # 10% of the trial's own peak
+    assert parse_job(trial.model_dump(mode="json")).optim.min_lr == pytest.approx(2e-4)  # stable on re-parse
+    assert default_values(job, list(tune.space))["model.lora"] is None  # the baseline trial: LoRA off
+    with pytest.raises(ConfigError, match=r"tune.space.model.lora: value .* makes an invalid job: model.lora.rank"):
+        parse_sweep(_tree(tmp_path, space={"model.lora": {"choice": [None, {"rank": 0}]}}), tmp_path)

@@ -81,16 +81,18 @@ def split_record(files: list[dict[str, Any]], tokens: int, documents: int, dropp
 
 def write_manifest(uri: str, *, seq_len: int, rows_per_row_group: int, tokenizer: dict[str, Any],
                    train: dict[str, Any], eval: dict[str, Any], input_fingerprint: str,
-                   source_files: list[str] | None = None, command: str | None = None) -> dict[str, Any]:
+                   source_files: list[str] | None = None, command: str | None = None,
+                   eval_only: bool = False) -> dict[str, Any]:
     """Write a source's manifest (call it last: its presence marks the source complete); returns it.
-    `train`/`eval` come from `split_record`; `source_files` are the input files it was made from."""
+    `train`/`eval` come from `split_record`; `source_files` are the input files it was made from;
+    `eval_only`: every row is held out (a probe set, never trained on)."""
     files = source_files or []
     manifest = {
         "format_version": FORMAT_VERSION, "seq_len": seq_len, "rows_per_row_group": rows_per_row_group,
         "tokenizer": tokenizer, "splits": {"train": train, "eval": eval},
         "documents": train["documents"] + eval["documents"], "tokens": train["tokens"] + eval["tokens"],
         "source_files": len(files), "source_files_sample": files[:20], "input_fingerprint": input_fingerprint,
-        "command": command,
+        "eval_only": eval_only, "command": command,
     }
     storage.write_json(storage.join(uri, MANIFEST_NAME), manifest)
     return manifest
@@ -101,8 +103,10 @@ def _split(raw: dict[str, Any], name: str) -> Split:
     return Split(tuple(ShardFile(f["path"], int(f["rows"])) for f in files))
 
 
-def read_manifest(uri: str, key: str = "data.sources[*].path") -> Manifest:
-    """Read and check a source's manifest; errors name the folder and the config key."""
+def read_manifest(uri: str, key: str = "data.sources[*].path", for_training: bool = True) -> Manifest:
+    """Read and check a source's manifest; errors name the folder and the config key.
+
+    `for_training=False` (probes, `raycpt eval`): held-out rows are enough."""
     muri = storage.join(uri, MANIFEST_NAME)
     try:
         raw = storage.read_json(muri)
@@ -124,8 +128,13 @@ def read_manifest(uri: str, key: str = "data.sources[*].path") -> Manifest:
         eval=_split(raw, "eval"),
         raw=raw,
     )
-    if m.train.rows == 0:
-        raise DataError(f"{key}: {uri} has no training rows (empty source); add text or drop the source")
+    if for_training and m.train.rows == 0 and m.eval.rows > 0:
+        raise DataError(f"{key}: {uri} has no training rows, it holds only held-out rows (an eval-only source, "
+                        "prepared with --eval-fraction 1); list it under eval.probes instead, or re-prepare it "
+                        "with --eval-fraction below 1")
+    if m.train.rows + (0 if for_training else m.eval.rows) == 0:
+        raise DataError(f"{key}: {uri} has no {'training ' if for_training else ''}rows (empty source); "
+                        "add text or drop the source")
     return m
 
 

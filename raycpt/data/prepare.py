@@ -1,7 +1,9 @@
 """`raycpt prepare`: text -> packed Parquet token shards + manifest, on Ray Data.
 
 Inputs are txt-like files (one file = one document), jsonl (one document per line, text in a
-column) or Parquet (a text column), local or s3://, given as files, folders or globs.
+column), Parquet (a text column) or Hugging Face `datasets` folders written by `save_to_disk`
+(Arrow files, a text column; read with pyarrow, raycpt/data/hf_saved.py), local or s3://, given
+as files, folders or globs.
 Files are sorted and cut into groups of about `group_bytes`; each group is one Ray Data task that
 tokenizes its documents, joins them with EOS, packs them into rows of exactly `seq_len` tokens and
 writes one shard per split. A document goes to the held-out split when a hash of (file, index)
@@ -26,6 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raycpt import storage
+from raycpt.data.hf_saved import (
+    ARROW_SUFFIX,
+    check_arrow_text_column,
+    is_saved_dataset_metadata,
+    iter_arrow_documents,
+    saved_dataset_files,
+)
 from raycpt.data.manifest import MANIFEST_NAME, DataError, split_record, tokenizer_identity, write_manifest
 
 TEXT_SUFFIXES_JSONL = (".jsonl", ".json", ".ndjson")
@@ -56,7 +65,8 @@ def expand_inputs(inputs: tuple[str, ...] | list[str]) -> list[tuple[str, int]]:
             if any(ch in path for ch in "*?["):
                 matches = fs.glob(path, detail=True)
             elif fs.isdir(path):
-                matches = fs.find(path, detail=True)
+                saved = saved_dataset_files(fs, path)  # an HF `datasets` save_to_disk folder (hf_saved.py)
+                matches = {p: fs.info(p) for p in saved} if saved is not None else fs.find(path, detail=True)
             else:
                 matches = {path: fs.info(path)}
         except FileNotFoundError:
@@ -64,7 +74,7 @@ def expand_inputs(inputs: tuple[str, ...] | list[str]) -> list[tuple[str, int]]:
         except Exception as e:  # noqa: BLE001 - storage errors get a clear message
             raise DataError(f"--input {item}: cannot be listed ({type(e).__name__}: {e})") from None
         for p, info in matches.items():
-            if info.get("type") == "directory" or _skipped(p):
+            if info.get("type") == "directory" or _skipped(p) or is_saved_dataset_metadata(p, set(matches)):
                 continue
             found[prefix + p] = int(info.get("size") or 0)
     if not found:
@@ -100,6 +110,9 @@ def iter_documents(uri: str, text_column: str) -> Iterator[str]:
     fs, path = storage.filesystem(uri)
     lower = uri.lower()
     try:
+        if lower.endswith(ARROW_SUFFIX):
+            yield from iter_arrow_documents(uri, text_column)
+            return
         if lower.endswith(PARQUET_SUFFIXES):
             with fs.open(path, "rb") as f:
                 table = pq.read_table(f)
@@ -225,13 +238,16 @@ def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
     storage.configure_storage(opts.s3_endpoint_url)
     if opts.seq_len < 2:
         raise DataError("--seq-len: must be >= 2")
-    if not 0 <= opts.eval_fraction < 1:
-        raise DataError("--eval-fraction: must be in [0, 1)")
+    if not 0 <= opts.eval_fraction <= 1:
+        raise DataError("--eval-fraction: must be in [0, 1] (1: every document held out, an eval-only source "
+                        "for eval.probes)")
     tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer_dir)
     tok_id = tokenizer_identity(tokenizer, os.path.basename(opts.tokenizer_dir.rstrip("/")))
     files = expand_inputs(opts.inputs)
     if opts.max_files:
         files = files[: opts.max_files]
+    for uri in {os.path.dirname(u): u for u, _ in reversed(files) if u.endswith(ARROW_SUFFIX)}.values():
+        check_arrow_text_column(uri, opts.text_column)  # one file per folder: fail before Ray starts
     fingerprint = input_fingerprint(files, opts, tok_id)
     manifest_uri = storage.join(opts.output, MANIFEST_NAME)
     if storage.exists(manifest_uri):
@@ -248,7 +264,8 @@ def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
     items = [{"group": i, "files": json.dumps(g)} for i, g in enumerate(groups)]
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        GroupPacker, fn_constructor_args=(opts,), batch_size=1, concurrency=(1, min(cpus, len(items))),
+        GroupPacker, fn_constructor_args=(opts,), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(cpus, len(items))),
         num_cpus=1,
     )
     rows = sorted(ds.take_all(), key=lambda r: (int(r["group"]), str(r["split"])))
@@ -259,13 +276,15 @@ def prepare(opts: PrepareOptions, *, log=print) -> dict[str, Any]:
             [{"path": str(r["path"]), "rows": int(r["rows"])} for r in sel if int(r["rows"]) > 0],
             tokens=sum(int(r["tokens"]) for r in sel), documents=sum(int(r["documents"]) for r in sel),
             dropped_tokens=sum(int(r["dropped"]) for r in sel))
-    if splits["train"]["rows"] == 0:
+    kept = "eval" if opts.eval_fraction >= 1 else "train"  # --eval-fraction 1: a source of held-out rows only
+    if splits[kept]["rows"] == 0:
         raise DataError(f"--input {' '.join(opts.inputs)}: produced no full row of {opts.seq_len} tokens "
                         "(empty or too little text); add text or lower --seq-len")
     manifest = write_manifest(  # last: marks the dataset complete
         opts.output, seq_len=opts.seq_len, rows_per_row_group=opts.rows_per_row_group, tokenizer=tok_id,
         train=splits["train"], eval=splits["eval"], input_fingerprint=fingerprint, source_files=[u for u, _ in files],
-        command=" ".join(["raycpt", "prepare", *sys.argv[2:]]) if sys.argv[1:2] == ["prepare"] else None)
+        command=" ".join(["raycpt", "prepare", *sys.argv[2:]]) if sys.argv[1:2] == ["prepare"] else None,
+        eval_only=opts.eval_fraction >= 1)
     log(f"prepare: {splits['train']['rows']} train rows, {splits['eval']['rows']} eval rows, "
         f"{manifest['tokens']:,} tokens from {manifest['documents']} documents")
     return manifest

@@ -280,7 +280,7 @@ class DataStream:
                 lambda b, o=first: {"id": b["id"] + o}, batch_size=None, zero_copy_batch=True,
                 num_cpus=self.reader_cpus,
             ).map_batches(BatchReader, fn_constructor_args=(self._reader_spec(),), batch_size=_STEPS_PER_BLOCK,
-                          concurrency=1, num_cpus=self.reader_cpus, batch_format="numpy")
+                          compute=ray.data.ActorPoolStrategy(size=1), num_cpus=self.reader_cpus, batch_format="numpy")
             for batch in ds.iter_batches(batch_size=1, prefetch_batches=self.prefetch_batches,
                                          batch_format="numpy"):
                 yield int(batch["step"][0]), batch["input_ids"][0], batch["sample_ids"][0]

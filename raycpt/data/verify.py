@@ -49,15 +49,20 @@ def _check_file(m: Manifest, f: ShardFile, key: str, vocab_size: int) -> str | N
 
 def check_data_fits_model(job, manifests: list[Manifest], tokenizer_id: dict | None, vocab_size: int,
                           read_footers: bool) -> None:
-    """Raise DataError listing every way the job's sources do not fit its model (seq_len, tokenizer,
-    vocab; with `read_footers`, every shard's footer too)."""
-    from raycpt.data.manifest import DataError, check_against_model
+    """Raise DataError listing every way the job's sources and probes (`eval.probes`) do not fit its
+    model (seq_len, tokenizer, vocab; with `read_footers`, every shard's footer too)."""
+    from raycpt.data.manifest import DataError, check_against_model, read_manifest
 
     problems = []
-    for i, m in enumerate(manifests):
-        key = f"data.sources[{i}].path"
+    keyed = [(f"data.sources[{i}].path", m) for i, m in enumerate(manifests)]
+    keyed += [(f"eval.probes[{i}].path", read_manifest(p.path, f"eval.probes[{i}].path", for_training=False))
+              for i, p in enumerate(job.eval.probes)]
+    for key, m in keyed:
         problems += check_against_model(m, key, job.data.seq_len, tokenizer_id, vocab_size)
         if read_footers:
             problems += shard_problems(m, key, vocab_size)
+    from raycpt.evals.tasks import task_problems
+
+    problems += task_problems(job)
     if problems:
         raise DataError("the data does not fit the model:\n  " + "\n  ".join(problems))

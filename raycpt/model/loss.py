@@ -85,6 +85,15 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     ``F.cross_entropy((hidden @ weight.T).float(), targets)`` with its gradients."""
     if chunk_tokens <= 0:
         raise ValueError("chunk_tokens must be > 0")
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):
+        # One worker's unsharded model computes under autocast (raycpt/model/fsdp.py) with fp32
+        # weights: run the head in the autocast dtype explicitly, as under FSDP2's bf16 params
+        # (the `out=` and in-place matmuls below take no autocast); the cast is differentiable,
+        # so the head's gradient still lands on the fp32 weight.
+        dt = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
+            return chunked_linear_cross_entropy(hidden.to(dt), weight.to(dt), targets, chunk_tokens)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _ChunkedLinearCE.apply(hidden, weight, targets, chunk_tokens)
     # Evaluation: the loss alone, without the gradient matmuls.

@@ -25,13 +25,13 @@ from raycpt.checkpoint.state import TrainState
 from raycpt.config import ConfigError, JobConfig, parse_job
 from raycpt.data.manifest import DataError, Manifest, tokenizer_identity
 from raycpt.data.plan import remap_state_by_name
-from raycpt.data.stream import DataStream, make_spec, read_eval_rows, read_manifests
+from raycpt.data.stream import DataStream, make_spec, read_manifests
 from raycpt.data.verify import check_data_fits_model
 from raycpt.model.fsdp import build_sharded_model
 from raycpt.model.hf import load_config, load_tokenizer, param_count
 from raycpt.model.lora import check_init_run, count_params, init_adapters, load_adapter, partial_training
 from raycpt.model.loss import use_chunked_loss
-from raycpt.train.evaluate import eval_losses, forgetting
+from raycpt.train.evaluate import Evaluator, report_metrics
 from raycpt.train.hooks import LoopHooks
 from raycpt.train.logbook import MetricsLog
 from raycpt.train.metrics import MetricWindow, device_peak_flops, eval_line, flops_per_token, progress_line
@@ -50,15 +50,14 @@ def run_worker(config: dict[str, Any]) -> None:
     w = start_worker(hooks)
     decision = decide_start(job)
     fence = record_start(job, w, decision)
-    model_config, manifests = check_inputs(job)
+    model_config, tokenizer, manifests = check_inputs(job)
     model, optimizer = build_model(job, w, decision, model_config, hooks)
-    eval_history = restore_train_state(job, w, decision)
+    evaluator = Evaluator.from_job(job, manifests, tokenizer, w.rank, w.world, w.device)  # train/evaluate.py
+    evaluator.load_state_dict({"history": restore_train_state(job, w, decision)})
     stream = build_stream(job, w, decision, manifests, model_config.vocab_size, hooks)
     step, micro = decision.start_step, job.train.micro_batch_size
     accum = job.train.global_batch_size // w.world // micro
-    eval_rows = {s.name: read_eval_rows(m, job.eval.max_rows) for s, m in zip(job.data.sources, manifests)}
-    if not any(len(r) for r in eval_rows.values()):
-        w.say("eval: no held-out rows in any source (prepare with --eval-fraction); evaluation is off")
+    w.say(evaluator.summary())
     checkpointer = Checkpointer(job.run_uri, w.rank, job.checkpoint.keep_last, job.checkpoint.keep_every_steps,
                                 job.checkpoint.async_save, w.say, before_commit=hooks.before_commit(), fence=fence)
     records = RayRecords(w.ray_train, job)
@@ -71,14 +70,15 @@ def run_worker(config: dict[str, Any]) -> None:
     use_chunked_loss(model, job.model.loss_chunk_tokens)
     mlog = MetricsLog(job.run_uri, job.run.name, step, w.rank, job.metrics.tensorboard, job.metrics.mlflow_tracking_uri,
                       job.metrics.mlflow_experiment, params={"peak_lr": job.optim.peak_lr,
-                                                             "replay_ratio": job.data.replay_ratio})
+                                                             "replay_ratio": job.data.replay_ratio},
+                      wandb=job.metrics.wandb_init())
     samples = SampleLog(job.run_uri, job.train.log_sample_ids, w.rank, w.world, fence if w.rank == 0 else None)
 
     def evaluate() -> None:
-        run_evals(job, w, model, eval_rows, eval_history, mlog, step)
+        run_evals(job, w, model, evaluator, mlog, step)
 
     def save(reason: str) -> None:
-        state = capture_train_state(job, w, step, stream, eval_history, reason)
+        state = capture_train_state(job, w, step, stream, evaluator, reason)
         stall = checkpointer.save(step, model, optimizer, state)
         mlog.flush()
         w.say(f"checkpoint: step {step} ({reason}) saving, loop blocked {stall:.2f}s")
@@ -86,7 +86,7 @@ def run_worker(config: dict[str, Any]) -> None:
         samples.flush()
         hooks.after_save(step, w.rank, checkpointer, w.agree, w.timeline)
 
-    if not eval_history:
+    if not evaluator.history:
         evaluate()
 
     # ---- The loop --------------------------------------------------------------------------------
@@ -136,7 +136,8 @@ def run_worker(config: dict[str, Any]) -> None:
         stop_now = False
         if step % job.train.preemption_poll_steps == 0 or step == job.train.max_steps:
             stop_now = stop.poll(w.agree) and step < job.train.max_steps
-        if step % job.checkpoint.interval_steps == 0 or step == job.train.max_steps or stop_now:
+        if (step % job.checkpoint.interval_steps == 0 or stop_now
+                or (step == job.train.max_steps and job.checkpoint.final_save)):
             if stop_now:
                 stop.set("another worker's stop request")
             save(stop.reason or ("final" if step == job.train.max_steps else "interval"))
@@ -183,16 +184,18 @@ def record_start(job: JobConfig, w: Worker, decision: StartDecision) -> AttemptF
     return fence
 
 
-def check_inputs(job: JobConfig) -> tuple[PretrainedConfig, list[Manifest]]:
-    """The model's config and the sources' manifests, checked to fit together before any step."""
+def check_inputs(job: JobConfig) -> tuple[PretrainedConfig, Any, list[Manifest]]:
+    """The model's config, its tokenizer and the sources' manifests, checked to fit together
+    before any step."""
     if not job.model.base:
         raise DataError("model.base: needed for the model architecture and tokenizer")
     model_config = load_config(job.model.base)
-    tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))
+    tokenizer = load_tokenizer(job.model.base)
+    tok_id = tokenizer_identity(tokenizer, os.path.basename(job.model.base))
     manifests = read_manifests(job)
     # The driver's preflight read every shard footer; here only the cheap manifest checks.
     check_data_fits_model(job, manifests, tok_id, model_config.vocab_size, read_footers=False)
-    return model_config, manifests
+    return model_config, tokenizer, manifests
 
 
 def build_model(job: JobConfig, w: Worker, decision: StartDecision, model_config: PretrainedConfig,
@@ -207,7 +210,7 @@ def build_model(job: JobConfig, w: Worker, decision: StartDecision, model_config
         activation_checkpointing=job.model.activation_checkpointing, compile_blocks=job.model.compile,
         # `random_weights` (raycpt bench train): the shape's architecture, no weights to read.
         weights_from=job.model.base if decision.kind == "fresh_base" and not hooks.random_weights else None,
-        prepare=partial_training(job.model),
+        prepare=partial_training(job.model), single_worker=job.model.single_worker,
     )
     if decision.kind == "fresh_run":
         check_init_run(decision.train_state.config, job.model)
@@ -259,31 +262,27 @@ def build_stream(job: JobConfig, w: Worker, decision: StartDecision, manifests: 
 
 # ---- At named points of the loop ---------------------------------------------------------------
 
-def run_evals(job: JobConfig, w: Worker, model: torch.nn.Module, eval_rows: dict[str, Any],
-              history: list[Any], mlog: MetricsLog, step: int) -> None:
-    """Held-out loss per source at `step`, appended to `history` (which the train state saves)."""
-    losses = eval_losses(model, eval_rows, w.rank, w.world, job.train.micro_batch_size, w.device)
-    if not losses:
+def run_evals(job: JobConfig, w: Worker, model: torch.nn.Module, evaluator: Evaluator, mlog: MetricsLog,
+              step: int) -> None:
+    """Held-out sources, probes and tasks at `step` (raycpt/train/evaluate.py); the record goes to
+    the progress stream, the metrics logs, metrics/eval.json and Ray Train (`raycpt tune` scores it)."""
+    record = evaluator.evaluate(model, step, final=step == job.train.max_steps)
+    if record is None:
         return
-    base = history[0]["loss"] if history else losses
-    replay = [s.name for s in job.data.sources if s.role == "replay"]
-    record = {"step": step, "loss": losses,
-              "forgetting": {k: v for k, v in forgetting(losses, base).items() if k in replay}}
-    history.append(record)
-    w.say(eval_line(step, losses, base))
+    w.say(eval_line(record, evaluator.baseline))
     mlog.eval(record)
     if w.rank == 0:
-        storage.write_json(storage.join(job.run_uri, "metrics", "eval.json"), history)
-    if w.ray_train is not None:  # `raycpt tune` scores trials on these (raycpt/tune/objective.py)
-        w.ray_train.report({"step": step, **{f"eval/loss/{k}": v for k, v in losses.items()},
-                            **{f"eval/forgetting/{k}": v for k, v in record["forgetting"].items()}})
+        storage.write_json(storage.join(job.run_uri, "metrics", "eval.json"), evaluator.history)
+    if w.ray_train is not None:
+        w.ray_train.report({"step": step, **report_metrics(record)})
 
 
-def capture_train_state(job: JobConfig, w: Worker, step: int, stream: DataStream, eval_history: list[Any],
+def capture_train_state(job: JobConfig, w: Worker, step: int, stream: DataStream, evaluator: Evaluator,
                         reason: str) -> TrainState:
     # A snapshot: an async save commits it later, after more evals may have been appended.
     return TrainState(
         step=step, data=stream.state_dict(), source_names=[s.name for s in job.data.sources],
         tokens_per_source=stream.tokens_per_source(), config=job.model_dump(mode="json"),
         config_fingerprint=job.fingerprint(), world_size=w.world, rng={"torch": torch.get_rng_state().tolist()},
-        versions={"torch": torch.__version__}, wall_time=time.time(), reason=reason, eval_history=list(eval_history))
+        versions={"torch": torch.__version__}, wall_time=time.time(), reason=reason,
+        eval_history=evaluator.state_dict()["history"])

@@ -38,14 +38,23 @@ def progress_line(m: dict) -> str:
             f"eta {_fmt_duration(m['eta_s'])}")
 
 
-def eval_line(step: int, losses: dict[str, float], baseline: dict[str, float] | None) -> str:
+def eval_line(record: dict, baseline: dict | None) -> str:
+    """One line per evaluation: loss per source and probe with its change since step 0 (absolute
+    and relative), task accuracies with step 0's."""
+    base = baseline or {}
     parts = []
-    for name, loss in losses.items():
-        extra = ""
-        if baseline and name in baseline:
-            extra = f" ({loss - baseline[name]:+.4f} vs step 0)"
-        parts.append(f"{name} {loss:.4f}{extra}")
-    return f"eval step {step}: " + " | ".join(parts)
+    for field, label in (("loss", ""), ("probe_loss", "probe ")):
+        for name, loss in record.get(field, {}).items():
+            extra = ""
+            if name in base.get(field, {}) and record["step"] != base.get("step"):
+                b = base[field][name]
+                extra = f" ({loss - b:+.4f}, {100 * (loss - b) / b if b else 0.0:+.1f}% vs step 0)"
+            parts.append(f"{label}{name} {loss:.4f}{extra}")
+    for name, t in record.get("tasks", {}).items():
+        b = base.get("tasks", {}).get(name)
+        was = f" (step 0 {b['acc']:.3f}/{b['acc_norm']:.3f})" if b and record["step"] != base.get("step") else ""
+        parts.append(f"task {name} acc {t['acc']:.3f} acc_norm {t['acc_norm']:.3f}{was}")
+    return f"eval step {record['step']}: " + " | ".join(parts)
 
 
 class MetricWindow:

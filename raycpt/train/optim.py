@@ -32,10 +32,21 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     return [g for g in groups.values() if g["params"]]
 
 
+def adamw_implementation(params: list[torch.Tensor]) -> str:
+    """"fused" (one multi-tensor kernel per dtype group) when every parameter is on a GPU, plain
+    tensors or FSDP2 DTensors alike; "foreach" elsewhere (CPU, gloo), where fused is not faster."""
+    if params and all(p.device.type == "cuda" for p in params):
+        return "fused"
+    return "foreach"
+
+
 def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, optim), lr=optim.peak_lr, betas=tuple(optim.betas),
-                             eps=optim.eps, fused=fused, foreach=None if fused else True)
+    """AdamW over `param_groups`; fused or foreach by where the parameters are (`device`, the
+    worker's, is where they were put)."""
+    groups = param_groups(model, optim)
+    impl = adamw_implementation([p for g in groups for p in g["params"]])
+    return torch.optim.AdamW(groups, lr=optim.peak_lr, betas=tuple(optim.betas), eps=optim.eps,
+                             fused=impl == "fused", foreach=None if impl == "fused" else True)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -27,14 +27,23 @@ def batch_to_device(input_ids: np.ndarray, device: torch.device) -> torch.Tensor
 def forward_backward(model: nn.Module, input_ids: np.ndarray, micro_batch_size: int,
                      device: torch.device) -> torch.Tensor:
     """Accumulate gradients of the mean loss over the rows of `input_ids` (this worker's slice of
-    the global batch); gradients are reduced across workers on the last micro-batch only.
+    the global batch); under FSDP2 gradients are reduced across workers on the last micro-batch only.
     Returns the sum of the micro-batch losses, detached and on the device."""
     batch = batch_to_device(input_ids, device)
     accum = batch.shape[0] // micro_batch_size
+    sharded = hasattr(model, "set_requires_gradient_sync")  # FSDP2; one worker's plain module has no sync
+    if accum > 1 and getattr(model, "raycpt_cuda_graphs", False):
+        # A CUDA graph's outputs live in memory its next replay overwrites: a gradient taken over
+        # as `.grad` on one micro-batch would be clobbered by the next. Gradients that exist are
+        # added to in place instead.
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     loss_sum = torch.zeros((), device=device)
     for i in range(accum):
         x = batch[i * micro_batch_size:(i + 1) * micro_batch_size]
-        model.set_requires_gradient_sync(i == accum - 1)
+        if sharded:
+            model.set_requires_gradient_sync(i == accum - 1)
         # use_cache=False: HF otherwise fills a KV cache in training (copies, and one recompile per block).
         loss = model(input_ids=x, labels=x, use_cache=False).loss
         (loss / accum).backward()

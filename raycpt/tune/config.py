@@ -8,7 +8,7 @@
       max_concurrent_trials: 2
       max_steps_per_trial: 24                   # every trial's train.max_steps
       scheduler: {kind: asha, grace_period_steps: 8, reduction_factor: 2}
-      objective: {forgetting_tolerance: 0.05, forgetting_penalty: 10}
+      objective: {forgetting_budget: 0.03, relative: true, over: [probes, replay]}
 
 Every searched value becomes a dotted override of the job (the one config mechanism), so a key
 can be searched exactly when `raycpt train JOB key=value` accepts it; that is checked when the
@@ -81,35 +81,71 @@ class ParamSpace(_Section):
 
 
 class SchedulerSection(_Section):
-    kind: Literal["asha", "median", "fifo"] = Field(
-        "asha",
-        description="asha: asynchronous successive halving (stops the worse trials at each rung); "
-        "median: stop a trial whose objective is worse than the median of the others at the same "
-        "step; fifo: no early stopping, every trial runs its full budget.",
+    kind: Literal["auto", "hyperband", "asha", "median", "fifo"] = Field(
+        "auto",
+        description="hyperband: synchronous successive halving (one HyperBand bracket over every trial: "
+        "trials are judged at each rung only once all have reached it, the best 1/factor go on); "
+        "asha: asynchronous successive halving (judges each trial against those already at its rung: "
+        "good when many run at once); median: stop a trial worse than the median of the others at the "
+        "same step; fifo: no early stopping. auto: hyperband unless at least "
+        "async_min_concurrent_trials run at once and the sweep has reduction_factor times more trials "
+        "than that, then asha (docs/deploying.md, Sweeps).",
     )
     grace_period_steps: int | None = Field(
-        None, gt=0, description="Steps every trial trains before it can be stopped (first ASHA rung); "
+        None, gt=0, description="Steps every trial trains before it can be stopped (the first rung); "
         "default: eval.interval_steps.")
     reduction_factor: float = Field(
-        2.0, gt=1, description="asha: rungs at grace_period x factor^k steps; at each rung about "
+        2.0, gt=1, description="hyperband/asha: rungs at grace_period x factor^k steps; at each rung about "
         "1/factor of the trials go on.")
     min_samples_required: int = Field(
         2, ge=1, description="median: trials that must have reached a step before the rule stops any.")
+    async_min_concurrent_trials: int = Field(
+        8, ge=1, description="auto: the concurrency from which ASHA is chosen over synchronous halving.")
 
 
 class ObjectiveSection(_Section):
-    """objective = new_loss + forgetting_penalty * max(0, forgetting - forgetting_tolerance)
+    """What a sweep minimises (raycpt/tune/objective.py has the formulas):
 
-    new_loss is the mean held-out loss of the `role: new` sources; forgetting is the rise of the
-    held-out loss of the `role: replay` sources since step 0 (their max, or mean), in nats."""
+    kind: budget   minimise new_loss subject to forgetting <= forgetting_budget; a trial over
+                   the budget ranks after every trial within it (objective = 1000 + excess)
+    kind: penalty  new_loss + forgetting_penalty * max(0, forgetting - forgetting_tolerance)
 
+    new_loss is the mean held-out loss of the `role: new` sources; forgetting is the rise since
+    step 0 of the loss of each set named in `over` (replay sources' held-out rows, probes), in
+    nats or (`relative: true`) as a fraction of the step-0 loss; sets combine by `forgetting`."""
+
+    kind: Literal["budget", "penalty"] | None = Field(
+        None, description="budget: constrained (needs forgetting_budget); penalty: the soft form. "
+        "Default: budget when forgetting_budget is set, else penalty.")
+    forgetting_budget: float | None = Field(
+        None, ge=0, description="kind budget: the most forgetting a trial may show to count, e.g. 0.03 "
+        "(with relative: true, 3% above the step-0 loss).")
+    relative: bool = Field(
+        False, description="Measure forgetting as (loss - step-0 loss) / step-0 loss instead of in nats; "
+        "budget and tolerance are then fractions.")
+    over: list[Literal["probes", "replay"]] = Field(
+        default_factory=lambda: ["probes", "replay"], min_length=1,
+        description="Which sets forgetting is measured on: eval.probes and/or the held-out rows of the "
+        "role: replay sources (replayed text always looks unforgotten; probes do not).")
     forgetting_tolerance: float = Field(
-        0.05, ge=0, description="Nats the old-domain (replay) loss may rise before the penalty applies.")
+        0.05, ge=0, description="kind penalty: forgetting allowed before the penalty applies.")
     forgetting_penalty: float = Field(
-        10.0, ge=0, description="Objective added per nat of old-domain loss rise above the tolerance "
+        10.0, ge=0, description="kind penalty: objective added per unit of forgetting above the tolerance "
         "(0: optimise the new domain alone).")
     forgetting: Literal["max", "mean"] = Field(
-        "max", description="How several replay sources combine: the worst one, or their mean.")
+        "max", description="How several sets combine: the worst one, or their mean.")
+
+    @model_validator(mode="after")
+    def _kind(self) -> "ObjectiveSection":
+        if self.kind is None:
+            self.kind = "budget" if self.forgetting_budget is not None else "penalty"
+        if self.kind == "budget" and self.forgetting_budget is None:
+            raise ValueError("kind budget needs forgetting_budget, e.g. forgetting_budget: 0.03")
+        return self
+
+    @property
+    def uses_forgetting(self) -> bool:
+        return self.kind == "budget" or self.forgetting_penalty > 0
 
 
 class TuneSection(_Section):
@@ -142,6 +178,14 @@ class TuneSection(_Section):
         description="Ray resources of each trial's driver (the Tune trial that starts its Ray Train "
         "run and waits); the training workers reserve their own from the scaling section. Give it a "
         "custom resource of an on-demand node to keep drivers off spot nodes.")
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random: Tune's random draws (grid keys enumerated); grid: every combination of "
+        "grid/choice keys, num_samples times; optuna: Optuna's TPE proposes each trial from the results so far "
+        "(pip install 'raycpt[tune]').")
+    gpus_per_trial: float | None = Field(
+        None, gt=0, le=1, description="Share of one GPU each trial's training worker reserves (scaling.use_gpu, "
+        "one worker per trial), e.g. 0.25: 4 trials a GPU. Checked before the sweep starts against the "
+        "model's training memory. Default: one GPU per worker.")
     max_trial_failures: int = Field(
         2, ge=0, description="Restarts of a failed trial (each resumes from its own newest checkpoint).")
     trial_keep_last: int = Field(
@@ -173,6 +217,17 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
         node = node[part]
     node[parts[-1]] = copy.deepcopy(value)
     return tree
+
+
+def get_dotted(tree: dict[str, Any], key: str) -> Any:
+    """The value at `key` (a.b[0].c) of a plain tree, None where a part is missing."""
+    node: Any = tree
+    for part in split_dotted(key):
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return copy.deepcopy(node)
 
 
 def _section_errors(e: ValidationError, prefix: str) -> list[str]:
@@ -262,12 +317,16 @@ def parse_sweep(tree: dict[str, Any], base_dir: str | Path) -> tuple[JobConfig, 
         if grace is not None and grace >= steps:
             problems.append(f"tune.scheduler.grace_period_steps: {grace} leaves no room to stop a trial of {steps} "
                             "steps; make it smaller than tune.max_steps_per_trial")
+    problems += resource_and_search_problems(job, tune)
     roles = {s.role for s in job.data.sources}
     if "new" not in roles:
         problems.append("data.sources[*].role: the sweep objective needs a source with role: new")
-    if tune.objective.forgetting_penalty > 0 and "replay" not in roles:
-        problems.append("tune.objective.forgetting_penalty: no source has role: replay to measure forgetting; "
-                        "mark one, or set tune.objective.forgetting_penalty=0")
+    obj = tune.objective
+    measured = (["replay"] if "replay" in obj.over and "replay" in roles else []) \
+        + (["probes"] if "probes" in obj.over and job.eval.probes else [])
+    if obj.uses_forgetting and not measured:
+        problems.append(f"tune.objective.over: {obj.over} names no set this job evaluates (no role: replay "
+                        "source, no eval.probes); add one, or set tune.objective.forgetting_penalty=0")
     if problems:
         raise ConfigError("invalid sweep config:\n  " + "\n  ".join(problems))
     if tune.name is None:
@@ -275,6 +334,33 @@ def parse_sweep(tree: dict[str, Any], base_dir: str | Path) -> tuple[JobConfig, 
     if tune.seed is None:
         tune = tune.model_copy(update={"seed": job.run.seed})
     return job, tune
+
+
+def resource_and_search_problems(job: JobConfig, tune: TuneSection) -> list[str]:
+    """What is wrong with the sweep's GPU share and search for this job (the share's memory is
+    checked later, on the cluster: raycpt/tune/resources.py)."""
+    problems = []
+    if tune.gpus_per_trial is not None:
+        if not job.scaling.use_gpu:
+            problems.append("tune.gpus_per_trial: needs scaling.use_gpu=true (CPU trials share through "
+                            "scaling.cpus_per_worker, which may be fractional)")
+        if job.worker_range() != (1, 1):
+            problems.append(f"tune.gpus_per_trial: {tune.gpus_per_trial:g} needs scaling.num_workers=1 (NCCL cannot "
+                            "put two ranks of one run on one GPU; got scaling.num_workers="
+                            f"{job.scaling.num_workers})")
+    if tune.search == "grid":
+        for key, spec in tune.space.items():
+            if spec.kind in ("loguniform", "uniform"):
+                problems.append(f"tune.space.{key}: tune.search=grid needs grid or choice values (got {spec.kind})")
+    if tune.search == "optuna":
+        for key, spec in tune.space.items():
+            if spec.kind == "grid":
+                problems.append(f"tune.space.{key}: tune.search=optuna draws every key; use choice instead of grid")
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            problems.append("tune.search: optuna is not installed; pip install 'raycpt[tune]' (or optuna)")
+    return problems
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[JobConfig, TuneSection]:

@@ -1,27 +1,42 @@
-"""The number a sweep minimises, from one per-domain evaluation, and the Pareto front.
-
-    objective = new_loss + forgetting_penalty * max(0, forgetting - forgetting_tolerance)
+"""The number a sweep minimises, from one evaluation, and the Pareto front.
 
 new_loss     mean held-out loss of the `role: new` sources (adaptation; lower is better)
-forgetting   rise of the held-out loss of the `role: replay` sources since step 0, in nats; the
-             worst replay source (`forgetting: max`) or their mean
+forgetting   per measured set (`objective.over`: the held-out rows of the `role: replay` sources,
+             and the probes of `eval.probes`), the loss rise since step 0: in nats, or with
+             `relative: true` as a fraction of the step-0 loss; the sets combine as their worst
+             (`forgetting: max`) or their mean
 old_loss     mean held-out loss of the replay sources (shown in the table, not in the formula)
 
-A trial that forgets no more than the tolerance is ranked on the new domain alone; beyond it,
-every nat of forgetting costs `forgetting_penalty` nats of new-domain loss. Step 0 is the base
-model for every trial of a sweep, so forgetting compares alike across trials.
+kind: budget (the default when `forgetting_budget` is set): minimise new_loss subject to
+forgetting <= budget.
+
+    objective = new_loss                              within the budget
+    objective = OVER_BUDGET + (forgetting - budget)   over it
+
+OVER_BUDGET (1000) is above any cross-entropy a language model reaches (log of the vocab size,
+< 12 nats for 128k tokens), so the metric Tune's schedulers compare is one monotone number in
+which every trial within the budget beats every trial over it, and over-budget trials rank by
+how far over they are (the closest first), not by their new-domain loss.
+
+kind: penalty: objective = new_loss + forgetting_penalty * max(0, forgetting - forgetting_tolerance).
+
+Step 0 is the base model for every trial of a sweep, so forgetting compares alike across trials.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from raycpt.tune.config import ObjectiveSection
 
-# Names of the per-domain metrics the worker loop reports after each evaluation.
+# Names of the metrics the worker loop reports after each evaluation (raycpt/train/evaluate.py).
 EVAL_LOSS_PREFIX = "eval/loss/"
 EVAL_FORGETTING_PREFIX = "eval/forgetting/"
+EVAL_PROBE_LOSS_PREFIX = "eval/probe_loss/"
+EVAL_PROBE_FORGETTING_PREFIX = "eval/probe_forgetting/"
+OVER_BUDGET = 1000.0
+PROBE = "probe"  # the role of an eval.probes set in a roles map
 
 
 @dataclass(frozen=True)
@@ -29,38 +44,78 @@ class Score:
     objective: float
     new_loss: float
     old_loss: float | None
-    forgetting: float | None
-    penalty: float
+    forgetting: float | None              # combined over the measured sets, in the objective's unit
+    penalty: float                        # objective - new_loss
+    within_budget: bool | None = None     # kind budget only
+    worst: str | None = None              # the set that forgot the most
+    by_set: dict[str, float] = field(default_factory=dict)
 
     def as_metrics(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """Numbers only (what a Tune result carries): objective, new_loss, old_loss, forgetting,
+        penalty, within_budget (1/0) and forgetting/<set>."""
+        out: dict[str, Any] = {"objective": self.objective, "new_loss": self.new_loss, "penalty": self.penalty}
+        for k in ("old_loss", "forgetting"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        if self.within_budget is not None:
+            out["within_budget"] = 1.0 if self.within_budget else 0.0
+        out.update({f"forgetting/{k}": v for k, v in self.by_set.items()})
+        return out
+
+
+def objective_roles(job) -> dict[str, str]:
+    """Set name -> new | replay | probe, for every source and probe of a job."""
+    return {**{s.name: s.role for s in job.data.sources}, **{p.name: PROBE for p in job.eval.probes}}
 
 
 def score(losses: dict[str, float], baseline: dict[str, float], roles: dict[str, str],
           cfg: ObjectiveSection) -> Score:
-    """Score one evaluation: `losses` now, `baseline` at step 0, `roles` source -> new|replay."""
+    """Score one evaluation: `losses` now and `baseline` at step 0 (sources and probes by name),
+    `roles` name -> new|replay|probe."""
     new = [losses[s] for s, r in roles.items() if r == "new" and s in losses]
     if not new:
         raise ValueError(f"no held-out loss for a role: new source in {sorted(losses)}; prepare the new-domain "
                          "source with --eval-fraction > 0")
-    replay = [s for s, r in roles.items() if r == "replay" and s in losses and s in baseline]
     new_loss = sum(new) / len(new)
-    if not replay:
-        return Score(new_loss, new_loss, None, None, 0.0)
-    rises = [losses[s] - baseline[s] for s in replay]
-    forgetting = max(rises) if cfg.forgetting == "max" else sum(rises) / len(rises)
+    measured_roles = {"replay"} if "replay" in cfg.over else set()
+    measured_roles |= {PROBE} if "probes" in cfg.over else set()
+    replay = [s for s, r in roles.items() if r == "replay" and s in losses]
+    old_loss = sum(losses[s] for s in replay) / len(replay) if replay else None
+    by_set = {}
+    for s, r in roles.items():
+        if r in measured_roles and s in losses and s in baseline:
+            rise = losses[s] - baseline[s]
+            by_set[s] = rise / baseline[s] if cfg.relative and baseline[s] else rise
+    if not by_set:
+        return Score(new_loss, new_loss, old_loss, None, 0.0,
+                     within_budget=True if cfg.kind == "budget" else None)
+    worst = max(by_set, key=by_set.get)
+    forgetting = by_set[worst] if cfg.forgetting == "max" else sum(by_set.values()) / len(by_set)
+    if cfg.kind == "budget":
+        within = forgetting <= cfg.forgetting_budget
+        objective = new_loss if within else OVER_BUDGET + (forgetting - cfg.forgetting_budget)
+        return Score(objective, new_loss, old_loss, forgetting, objective - new_loss, within, worst, by_set)
     penalty = cfg.forgetting_penalty * max(0.0, forgetting - cfg.forgetting_tolerance)
-    old_loss = sum(losses[s] for s in replay) / len(replay)
-    return Score(new_loss + penalty, new_loss, old_loss, forgetting, penalty)
+    return Score(new_loss + penalty, new_loss, old_loss, forgetting, penalty, None, worst, by_set)
+
+
+def score_record(record: dict[str, Any], first: dict[str, Any], roles: dict[str, str],
+                 cfg: ObjectiveSection) -> Score:
+    """Score an eval record of metrics/eval.json against the run's step-0 record."""
+    now = {**record["loss"], **record.get("probe_loss", {})}
+    base = {**first["loss"], **first.get("probe_loss", {})}
+    return score(now, base, roles, cfg)
 
 
 def score_report(metrics: dict[str, Any], roles: dict[str, str], cfg: ObjectiveSection) -> Score | None:
     """Score a metrics report of the worker loop; None when it carries no evaluation."""
-    losses = {k[len(EVAL_LOSS_PREFIX):]: float(v) for k, v in metrics.items() if k.startswith(EVAL_LOSS_PREFIX)}
+    def strip(prefix: str) -> dict[str, float]:
+        return {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+    losses = {**strip(EVAL_LOSS_PREFIX), **strip(EVAL_PROBE_LOSS_PREFIX)}
     if not losses:
         return None
-    rise = {k[len(EVAL_FORGETTING_PREFIX):]: float(v) for k, v in metrics.items()
-            if k.startswith(EVAL_FORGETTING_PREFIX)}
+    rise = {**strip(EVAL_FORGETTING_PREFIX), **strip(EVAL_PROBE_FORGETTING_PREFIX)}
     baseline = {s: losses[s] - rise[s] for s in rise if s in losses}
     return score(losses, baseline, roles, cfg)
 

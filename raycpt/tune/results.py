@@ -23,8 +23,8 @@ import yaml
 from raycpt import storage
 from raycpt.checkpoint.layout import latest_committed
 from raycpt.config import JobConfig, parse_job
-from raycpt.tune.config import TuneSection, set_dotted
-from raycpt.tune.objective import pareto_front, score
+from raycpt.tune.config import ObjectiveSection, TuneSection, get_dotted, set_dotted
+from raycpt.tune.objective import objective_roles, pareto_front, score_record
 
 SWEEP_FILE = "sweep.json"
 TRIALS_FILE = "trials.json"
@@ -43,10 +43,14 @@ class TrialRow:
     objective: float | None = None
     new_loss: float | None = None
     old_loss: float | None = None
-    forgetting: float | None = None
+    forgetting: float | None = None     # worst (or mean) over the measured sets, objective's unit
+    forgetting_by: dict[str, float] = field(default_factory=dict)   # per replay source / probe
+    worst: str | None = None            # the set that forgot the most
+    within_budget: bool | None = None   # objective kind budget only
     status: str = ""                    # done | stopped early | running | pending | error
     pareto: bool = False
     best: bool = False
+    closest: bool = False               # no trial met the budget: this one came closest
     error: str | None = None
 
 
@@ -57,11 +61,17 @@ class SweepSummary:
     keys: list[str]
     budget_steps: int
     tokens_per_step: int
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    sets: list[str] = field(default_factory=list)   # the measured sets (replay sources, probes), table order
     rows: list[TrialRow] = field(default_factory=list)
 
     @property
     def best(self) -> TrialRow | None:
         return next((r for r in self.rows if r.best), None)
+
+    @property
+    def closest(self) -> TrialRow | None:
+        return next((r for r in self.rows if r.closest), None)
 
     @property
     def baseline(self) -> TrialRow | None:
@@ -78,8 +88,11 @@ class SweepSummary:
 
     def as_dict(self) -> dict[str, Any]:
         best = self.best
+        closest = self.closest
         return {"name": self.name, "uri": self.uri, "searched_keys": self.keys, "budget_steps": self.budget_steps,
+                "objective": self.objective.model_dump(mode="json"), "forgetting_sets": self.sets,
                 "trials": [asdict(r) for r in self.rows], "best_trial": best.trial_id if best else None,
+                "closest_trial": closest.trial_id if closest else None,
                 "pareto_front": [r.trial_id for r in self.rows if r.pareto], "compute": self.compute()}
 
 
@@ -99,18 +112,19 @@ def read_trials(uri: str) -> dict[str, dict[str, Any]]:
 
 def default_values(job: JobConfig, keys: list[str]) -> dict[str, Any]:
     """The job's own value of each searched key (the baseline trial)."""
-    from raycpt.checkpoint.resume import flatten
-
-    flat = flatten(job.model_dump(mode="json"))
-    return {k: flat.get(k) for k in keys}
+    tree = job.model_dump(mode="json")
+    return {k: get_dotted(tree, k) for k in keys}
 
 
 def collect(uri: str, job: JobConfig, tune: TuneSection) -> SweepSummary:
     """Rows for every trial the sweep has started, scored from the trials' own eval history."""
     budget = tune.max_steps_per_trial or job.train.max_steps
     keys = list(tune.space)
-    summary = SweepSummary(tune.name, uri, keys, budget, job.train.global_batch_size * job.data.seq_len)
-    roles = {s.name: s.role for s in job.data.sources}
+    roles = objective_roles(job)
+    over = {"replay": "replay", "probe": "probes"}
+    sets = [n for n, r in roles.items() if over.get(r) in tune.objective.over]
+    summary = SweepSummary(tune.name, uri, keys, budget, job.train.global_batch_size * job.data.seq_len,
+                           tune.objective, sets)
     defaults = default_values(job, keys)
     for trial_id, t in sorted(read_trials(uri).items()):
         run_uri = storage.join(uri, RUNS_FOLDER, t["run_name"])
@@ -121,10 +135,11 @@ def collect(uri: str, job: JobConfig, tune: TuneSection) -> SweepSummary:
         committed = latest_committed(run_uri)
         row.steps = max([h["step"] for h in history[-1:]] + [committed.step if committed else 0])
         if history:
-            s = score(history[-1]["loss"], history[0]["loss"], roles, tune.objective)
+            s = score_record(history[-1], history[0], roles, tune.objective)
             row.eval_step = history[-1]["step"]
             row.objective, row.new_loss = s.objective, s.new_loss
             row.old_loss, row.forgetting = s.old_loss, s.forgetting
+            row.forgetting_by, row.worst, row.within_budget = s.by_set, s.worst, s.within_budget
         row.status = _status(row, budget)
         summary.rows.append(row)
     _rank(summary)
@@ -149,7 +164,13 @@ def _rank(summary: SweepSummary) -> None:
     pool = finished or scored
     if not pool:
         return
-    min(pool, key=lambda r: r.objective).best = True
+    # kind budget: the best is the best trial within the budget; when none is, the trial of the
+    # smallest objective is the one that came closest (objective = OVER_BUDGET + excess).
+    eligible = [r for r in pool if r.within_budget is not False]
+    if eligible:
+        min(eligible, key=lambda r: r.objective).best = True
+    else:
+        min(pool, key=lambda r: r.objective).closest = True
     front = pareto_front({r.trial_id: (r.new_loss, r.forgetting or 0.0) for r in pool})
     for r in pool:
         r.pareto = r.trial_id in front
@@ -164,20 +185,34 @@ def _fmt(v: Any, width: int) -> str:
     return str(v).rjust(width)
 
 
+def _fmt_forgetting(v: float | None, relative: bool) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:+.1f}%" if relative else f"{v:+.4f}"
+
+
 def format_table(summary: SweepSummary) -> str:
     """A fixed-width table: one line per trial, the full-budget trials first, each group by
-    objective (losses after fewer steps do not compare); `*` marks the Pareto front."""
-    heads = ["trial"] + summary.keys + ["objective", "new loss", "old loss", "forgetting", "steps", "status"]
+    objective (losses after fewer steps do not compare); one forgetting column per replay
+    source and probe; `*` marks the Pareto front of new loss vs worst forgetting."""
+    rel = summary.objective.relative
+    budget = summary.objective.kind == "budget"
+    heads = (["trial"] + summary.keys + ["objective", "new loss", "old loss"]
+             + [f"forgot {s}" for s in summary.sets] + ["worst"] + (["budget"] if budget else [])
+             + ["steps", "status"])
     order = {"done": 0, "stopped early": 1, "running": 2, "pending": 3, "error": 4}
     rows = sorted(summary.rows, key=lambda r: (order.get(r.status, 5), r.objective if r.objective is not None
                                                  else math.inf, r.trial_id))
     body = []
     for r in rows:
         tag = " (job)" if r.baseline else ""
-        mark = ("best " if r.best else "") + ("*" if r.pareto else "")
+        mark = ("best " if r.best else "") + ("closest " if r.closest else "") + ("*" if r.pareto else "")
+        verdict = [] if not budget else ["-" if r.within_budget is None else ("within" if r.within_budget else "over")]
         body.append([r.trial_id + tag] + [r.values.get(k) for k in summary.keys]
-                    + [r.objective, r.new_loss, r.old_loss, r.forgetting,
-                       f"{r.steps}/{summary.budget_steps}", f"{r.status} {mark}".strip()])
+                    + [r.objective, r.new_loss, r.old_loss]
+                    + [_fmt_forgetting(r.forgetting_by.get(s), rel) for s in summary.sets]
+                    + [_fmt_forgetting(r.forgetting, rel)] + verdict
+                    + [f"{r.steps}/{summary.budget_steps}", f"{r.status} {mark}".strip()])
     widths = [max(len(h), *(len(_fmt(b[i], 0).strip()) for b in body)) if body else len(h)
               for i, h in enumerate(heads)]
     lines = ["  ".join(h.ljust(w) if i in (0, len(heads) - 1) else h.rjust(w)
@@ -188,11 +223,23 @@ def format_table(summary: SweepSummary) -> str:
     return "\n".join(lines)
 
 
+def objective_text(o: ObjectiveSection) -> str:
+    unit = "relative to step 0" if o.relative else "in nats"
+    how = "the worst of" if o.forgetting == "max" else "the mean over"
+    sets = " and ".join("probes" if x == "probes" else "replay sources" for x in o.over)
+    if o.kind == "budget":
+        limit = f"{100 * o.forgetting_budget:.1f}%" if o.relative else f"{o.forgetting_budget:g} nats"
+        return (f"objective: minimise new-domain loss subject to forgetting ({how} {sets}, {unit}) <= {limit}; "
+                f"a trial over the budget scores 1000 + its excess, so it ranks after every trial within it")
+    tol = f"{100 * o.forgetting_tolerance:.1f}%" if o.relative else f"{o.forgetting_tolerance:g}"
+    return (f"objective = new-domain loss + {o.forgetting_penalty:g} x max(0, forgetting - {tol}) "
+            f"(forgetting: {how} {sets}, {unit})")
+
+
 def format_summary(summary: SweepSummary) -> str:
     c = summary.compute()
     lines = [f"sweep {summary.name}  ({summary.uri})", format_table(summary), ""]
-    lines.append("objective = new-domain loss + penalty x max(0, old-domain loss rise - tolerance); "
-                 "* = Pareto front of new loss vs forgetting")
+    lines.append(objective_text(summary.objective) + "; * = Pareto front of new loss vs worst forgetting")
     if any(r.status in ("running", "pending") for r in summary.rows):
         lines.append(f"compute so far: {c['steps_trained']} trial steps; {c['stopped_early']} of {c['trials']} "
                      "trials stopped early (the sweep is still running)")
@@ -200,13 +247,23 @@ def format_summary(summary: SweepSummary) -> str:
         lines.append(f"compute: {c['steps_trained']} of {c['steps_if_all_ran_to_the_end']} trial steps "
                      f"({100 * c['saved_share']:.0f}% saved by stopping {c['stopped_early']} of {c['trials']} "
                      "trials early)")
-    best, base = summary.best, summary.baseline
+    best, base, closest = summary.best, summary.baseline, summary.closest
+    rel = summary.objective.relative
     if best is not None:
         values = ", ".join(f"{k}={v}" for k, v in best.values.items())
-        lines.append(f"best: trial {best.trial_id} ({values}) objective {best.objective:.4f}")
+        worst = f", worst forgetting {_fmt_forgetting(best.forgetting, rel)} ({best.worst})" if best.worst else ""
+        lines.append(f"best: trial {best.trial_id} ({values}) objective {best.objective:.4f}{worst}")
         if base is not None and base.objective is not None and base is not best:
             lines.append(f"job's own config: trial {base.trial_id} objective {base.objective:.4f} "
                          f"({best.objective - base.objective:+.4f} for the best)")
+    elif closest is not None:
+        values = ", ".join(f"{k}={v}" for k, v in closest.values.items())
+        budget = summary.objective.forgetting_budget
+        lines.append(f"no trial met the forgetting budget ({_fmt_forgetting(budget, rel).lstrip('+')}); the closest: "
+                     f"trial {closest.trial_id} ({values}), "
+                     f"worst forgetting {_fmt_forgetting(closest.forgetting, rel)} "
+                     f"on {closest.worst}, new loss {closest.new_loss:.4f}. No best.yaml was written; raise "
+                     "tune.objective.forgetting_budget or search lower LRs / more replay")
     return "\n".join(lines)
 
 
@@ -222,7 +279,9 @@ def best_job_yaml(job: JobConfig, tune: TuneSection, summary: SweepSummary) -> s
     tree["run"]["name"] = f"{tune.name}-best"
     parse_job(tree)  # the sweep validated every value; a failure here is a bug, not a user error
     header = [f"# Best config of sweep {tune.name}: trial {best.trial_id}, objective {best.objective:.4f} "
-              f"(new loss {best.new_loss:.4f}, forgetting {_fmt(best.forgetting, 0).strip()} at step {best.eval_step})",
+              f"(new loss {best.new_loss:.4f}, forgetting {_fmt_forgetting(best.forgetting, tune.objective.relative)}"
+              f"{' on ' + best.worst if best.worst else ''} at step {best.eval_step})",
+              f"# {objective_text(tune.objective)}",
               *(f"#   {k}: {v}" for k, v in best.values.items()),
               f"# Trials trained {summary.budget_steps} steps; this run trains train.max_steps={job.train.max_steps}.",
               f"# Run it:  raycpt train {storage.join(summary.uri, 'best.yaml')}"]
@@ -234,8 +293,11 @@ def write_results(summary: SweepSummary, job: JobConfig, tune: TuneSection,
     storage.write_bytes(storage.join(summary.uri, "results.md"), (format_summary(summary) + "\n").encode())
     storage.write_json(storage.join(summary.uri, "results.json"), {**summary.as_dict(), **(extra or {})})
     text = best_job_yaml(job, tune, summary)
+    best_uri = storage.join(summary.uri, "best.yaml")
     if text is not None:
-        storage.write_bytes(storage.join(summary.uri, "best.yaml"), text.encode())
+        storage.write_bytes(best_uri, text.encode())
+    elif storage.exists(best_uri):
+        storage.remove_tree(best_uri)  # an earlier best no longer stands (none meets the budget now)
 
 
 def is_sweep(uri: str) -> bool:

@@ -11,10 +11,24 @@ placement group (tests/test_tune.py checks that none is left).
 Every trial has its own deterministic run name (from the Tune trial id, which a restored sweep
 keeps), so a trial restarted after a driver crash resumes from its own newest committed
 checkpoint by raycpt's ordinary start decision. All trials read the same prepared shards.
+
+Under synchronous successive halving (raycpt/tune/schedulers.py) Tune pauses a trial at a rung
+by ending it, and starts it again once it is promoted. So that nothing is trained twice, every
+rung is a checkpoint step of the trial (`trial_checkpoint_interval`), and the trial's result at a
+rung reaches Tune only once that step's checkpoint is committed (an async save commits at the
+first step boundary after it is durable, so the trial trains on a few steps at most).
+
+Start-up: with the loop option `timeline_dir`, each start of a trial appends its phases to
+<timeline_dir>/<trial id>.jsonl (trial_start here, then the worker loop's worker_start,
+model_built, model_ready, first_step), which `raycpt bench tune` reads.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import time
 from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -23,7 +37,7 @@ from raycpt import storage
 from raycpt.config import parse_job
 from raycpt.placement import RegisterPlacementGroups
 from raycpt.tune.config import ObjectiveSection, TuneSection, trial_tree
-from raycpt.tune.objective import score_report
+from raycpt.tune.objective import objective_roles, score_report
 
 
 def trial_run_name(trial_id: str) -> str:
@@ -34,18 +48,46 @@ class TrialReportCallback(TuneReportCallback):
     """Forward the worker loop's evaluations to Tune, scored by the sweep objective.
 
     Progress reports (loss, lr, tokens/s) stay out of Tune: the scheduler judges trials on the
-    held-out per-domain losses only, and each result Tune sees carries `objective` and `step`."""
+    held-out per-domain losses only, and each result Tune sees carries `objective` and `step`.
+    An evaluation at one of `hold_steps` (the rungs where Tune may pause the trial) is held back
+    until the worker loop reports that step's checkpoint committed."""
 
-    def __init__(self, roles: dict[str, str], objective: dict[str, Any]):
+    def __init__(self, roles: dict[str, str], objective: dict[str, Any], hold_steps: list[int] | None = None):
         super().__init__()
         self._roles = roles
         self._objective = ObjectiveSection.model_validate(objective)
+        self._hold_steps = set(hold_steps or [])
+        self._held: dict[str, Any] | None = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         scored = score_report(metrics[0], self._roles, self._objective)
         if scored is None:
+            held = self._held
+            if checkpoint is not None and held is not None and metrics[0].get("step", -1) >= held["step"]:
+                self._held = None
+                super().after_report(run_context, [held], None)
             return
-        super().after_report(run_context, [{**metrics[0], **scored.as_metrics()}], None)
+        result = {**metrics[0], **scored.as_metrics()}
+        if result.get("step") in self._hold_steps:
+            self._held = result
+            return
+        super().after_report(run_context, [result], None)
+
+
+def trial_checkpoint_interval(job_interval_steps: int, rungs: list[int]) -> int:
+    """A checkpoint interval that makes every rung a checkpoint step (and is no longer than the job's)."""
+    return math.gcd(job_interval_steps, *rungs) if rungs else job_interval_steps
+
+
+def mark_trial_start(timeline_dir: str | None, trial_id: str) -> str | None:
+    """Append a trial_start mark to the trial's timeline file; returns the file (None: off)."""
+    if not timeline_dir:
+        return None
+    os.makedirs(timeline_dir, exist_ok=True)
+    path = os.path.join(timeline_dir, f"{trial_id}.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps({"event": "trial_start", "step": None, "time": time.time()}) + "\n")
+    return path
 
 
 def run_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
@@ -57,10 +99,18 @@ def run_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
 
     tune = TuneSection.model_validate(spec["tune"])
     trial_id = ray.tune.get_context().get_trial_id()
-    job = parse_job(trial_tree(spec["job"], tune, values, trial_run_name(trial_id), spec["runs_uri"]))
+    tree = trial_tree(spec["job"], tune, values, trial_run_name(trial_id), spec["runs_uri"])
+    rungs = spec.get("pause_rungs") or []
+    if rungs:  # a paused trial resumes from its rung's checkpoint, committed before Tune hears of the rung
+        tree["checkpoint"]["interval_steps"] = trial_checkpoint_interval(tree["checkpoint"]["interval_steps"], rungs)
+    job = parse_job(tree)
     storage.configure_storage(job.run.s3_endpoint_url)
-    roles = {s.name: s.role for s in job.data.sources}
-    callbacks = [TrialReportCallback(roles, tune.objective.model_dump()),
+    loop_options = dict(spec.get("loop_options") or {})
+    timeline = mark_trial_start(loop_options.pop("timeline_dir", None), trial_id)
+    if timeline:
+        loop_options["timeline_file"] = timeline
+    roles = objective_roles(job)  # sources and probes
+    callbacks = [TrialReportCallback(roles, tune.objective.model_dump(), hold_steps=rungs),
                  RegisterPlacementGroups(spec["registry"], trial_id)]
     # A failed Train run raises here, so Tune marks the trial errored and may restart it.
-    build_trainer(job, spec.get("loop_options"), callbacks=callbacks).fit()
+    build_trainer(job, loop_options, callbacks=callbacks, gpus_per_worker=tune.gpus_per_trial or 1.0).fit()

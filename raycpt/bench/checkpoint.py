@@ -1,9 +1,9 @@
 """`raycpt bench checkpoint`: how long a save blocks the training loop (stall) and how long until
 it is durable and committed (persist), sync vs async, to a local folder or s3://.
 
-One process, world size 1 (gloo), the named model shape with random weights and a full AdamW
-state (exp_avg, exp_avg_sq: 3x the fp32 weights in all), saved through the same `Checkpointer`
-that training uses.
+One process, world size 1 (gloo), the named model shape with random weights built as one
+training worker builds it (raycpt.model.fsdp), and a full AdamW state (exp_avg, exp_avg_sq: 3x
+the fp32 weights in all), saved through the same `Checkpointer` that training uses.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ def bench_checkpoint(shape: str, storage_uri: str, saves: int = 3, modes: tuple[
     from raycpt.checkpoint.dcp import Checkpointer
     from raycpt.checkpoint.layout import list_checkpoints
     from raycpt.checkpoint.state import standalone_train_state
-    from raycpt.config import OptimConfig
     from raycpt.model.fsdp import build_sharded_model
     from raycpt.model.shapes import llama_config
-    from raycpt.train.optim import build_optimizer
 
     storage.configure_storage(s3_endpoint_url)
     owns_group = not dist.is_initialized()
@@ -44,9 +42,10 @@ def bench_checkpoint(shape: str, storage_uri: str, saves: int = 3, modes: tuple[
                                     compile_blocks=False, weights_from=None)
         with torch.no_grad():
             for p in model.parameters():
-                p.to_local().normal_(0.0, 0.02)  # each rank fills its own shard
+                (p.to_local() if hasattr(p, "to_local") else p).normal_(0.0, 0.02)  # each rank its own shard
                 p.grad = torch.zeros_like(p)
-        optimizer = build_optimizer(model, OptimConfig(peak_lr=1e-4), device)
+        # The state a save holds is what matters, not training's parameter groups: one AdamW.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         optimizer.step()  # materialises the AdamW moments
         state_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * 3
         log(f"bench checkpoint: {shape}, {state_bytes / 2**30:.2f} GiB of weights + AdamW state -> {storage_uri}")

@@ -9,7 +9,10 @@ identity, so the data checks of a real job pass. The workers start from random w
 
 The baseline is the same architecture as a plain transformers loop in this process, on one
 device: fp32 weights, bf16 autocast, fused AdamW, full-vocabulary logits and HF's loss, eager or
-`torch.compile(model)`, fed from tensors already on the device. Both are timed alike: CUDA events
+`torch.compile(model)`, fed from tensors already on the device. A shape with a LoRA recipe
+(raycpt.model.shapes.SHAPE_RECIPES) trains it on both sides: raycpt through `model.lora`, the
+plain loop through peft's `get_peft_model` with the embeddings and head set trainable, at the
+recipe's embedding LR ratio. Both are timed alike: CUDA events
 at step boundaries, the first `warmup_steps` steps (compilation, allocator growth) left out.
 """
 
@@ -26,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raycpt.model.shapes import SHAPES, llama_config
+from raycpt.model.shapes import SHAPE_RECIPES, SHAPES, llama_config
 from raycpt.train.metrics import device_peak_flops, flops_per_token
 from raycpt.train.step import StepClock, peak_memory_gib
 
@@ -42,12 +45,13 @@ class TrainBenchOptions:
     warmup_steps: int = 10
     workers: int = 1
     use_gpu: bool = False
-    checkpoint_every: int | None = None  # None: only the final save (after the timed steps)
+    checkpoint_every: int | None = None  # None: no saves
     baselines: tuple[str, ...] = ("compiled", "eager")
     overrides: list[str] = field(default_factory=list)  # dotted job overrides, e.g. model.compile=false
     profile_steps: tuple[int, int] | None = None  # profile these steps [start, stop) of rank 0
     baseline_micro_batch_size: int | None = None  # None: the real path's; halved on out-of-memory
     kill_at_step: int | None = None  # SIGKILL rank 0 once this step's checkpoint commits; time the resume
+    layers: int | None = None  # decoder blocks instead of the shape's (memory plans of a large shape)
 
 
 def synthetic_tokenizer(vocab_size: int):
@@ -60,11 +64,11 @@ def synthetic_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<0>", unk_token="<0>")
 
 
-def write_model_folder(shape: str, folder: str) -> str:
+def write_model_folder(shape: str, folder: str, layers: int | None = None) -> str:
     """config.json of the shape + its synthetic tokenizer (no weights); kept if already there."""
     if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
         return folder
-    cfg = llama_config(shape)
+    cfg = llama_config(shape, num_layers=layers)
     os.makedirs(folder, exist_ok=True)
     cfg.save_pretrained(folder)
     synthetic_tokenizer(cfg.vocab_size).save_pretrained(folder)
@@ -94,6 +98,13 @@ def write_random_source(folder: str, model_dir: str, rows: int, seq_len: int, se
     return folder
 
 
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def bench_job_tree(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dict[str, Any]:
     from raycpt.config import apply_overrides
 
@@ -106,10 +117,12 @@ def bench_job_tree(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dic
                   "max_steps": o.steps, "log_interval_steps": min(10, o.steps)},
         "optim": {"peak_lr": 1e-4, "warmup_steps": min(10, o.steps)},
         "scaling": {"num_workers": o.workers, "use_gpu": o.use_gpu},
-        # Past max_steps: only the final save, after the last timed step.
-        "checkpoint": {"interval_steps": o.checkpoint_every or o.kill_at_step or o.steps + 1, "keep_last": 1},
+        # Saves only where asked (--checkpoint-every, --kill-at-step): a bench's checkpoints are
+        # thrown away, and at 3B-8B a final save would write tens of GB after the timed steps.
+        "checkpoint": {"interval_steps": o.checkpoint_every or o.kill_at_step or o.steps + 1, "keep_last": 1,
+                       "final_save": False},
     }
-    return apply_overrides(tree, list(o.overrides))
+    return apply_overrides(_merged(tree, SHAPE_RECIPES.get(o.shape, {})), list(o.overrides))
 
 
 def run_real_path(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dict[str, Any]:
@@ -142,6 +155,8 @@ def run_real_path(o: TrainBenchOptions, model_dir: str, source_dir: str) -> dict
     with open(timeline_file) as f:
         timeline = [json.loads(line) for line in f if line.strip()]
     out = {"reports": reports, "wall_s": wall, "job": job, "timeline": timeline}
+    # A bench keeps no checkpoints: at 3B and 8B they are tens of GB of a small disk.
+    shutil.rmtree(os.path.join(job.run.storage, job.run.name), ignore_errors=True)
     if "profile" in loop_options and os.path.exists(loop_options["profile"][0]):
         with open(loop_options["profile"][0]) as f:
             out["profile"] = f.read()
@@ -158,13 +173,19 @@ def summarize_real(reports: list[dict[str, Any]], o: TrainBenchOptions, flops_to
     reports = [r for r in reports if r["attempt"] == reports[-1]["attempt"]]
     # Warm-up counts from the attempt's first step (a resumed attempt compiles again).
     warm_until = reports[0]["step"] - len(reports[0]["step_times_s"]) + o.warmup_steps
+
+    def profiled(s: int) -> bool:
+        # Steps under the profiler run slower, and the step after them holds the trace export:
+        # none of them is timed (`--profile START STOP`: steps START..STOP).
+        return o.profile_steps is not None and o.profile_steps[0] <= s <= o.profile_steps[1]
+
     times: list[float] = []
     first = 0
     wait, stall, elapsed = 0.0, [], 0.0
     for r in reports:
         n = len(r["step_times_s"])
         steps = range(r["step"] - n, r["step"])
-        kept = [t for s, t in zip(steps, r["step_times_s"]) if s >= warm_until]
+        kept = [t for s, t in zip(steps, r["step_times_s"]) if s >= warm_until and not profiled(s)]
         times += kept
         if r["step"] - n >= warm_until:  # whole window past warm-up
             wait += r["data_wait_share"] * sum(r["step_times_s"])
@@ -206,18 +227,53 @@ def _timing(times: list[float], tokens_per_step: int, flops_tok: float, peak: fl
             "step_median_s": float(np.median(a)), "step_p90_s": float(np.percentile(a, 90)), "timed_steps": len(a)}
 
 
-def plain_loop(o: TrainBenchOptions, compiled: bool, device: torch.device) -> dict[str, Any]:
-    """One device, the worker's share of the global batch, gradient accumulation like the real path."""
+def plain_model(o: TrainBenchOptions, device: torch.device) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """The shape as HF builds it (fp32, on the device), with the shape's LoRA recipe through peft;
+    and its AdamW parameter groups (the recipe's embedding LR ratio)."""
     from transformers import AutoModelForCausalLM
 
-    rows = o.global_batch_size // o.workers
-    accum = rows // o.micro_batch_size
-    cfg = llama_config(o.shape)
+    cfg = llama_config(o.shape, num_layers=o.layers)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    recipe = SHAPE_RECIPES.get(o.shape, {})
+    lora = recipe.get("model", {}).get("lora")
+    if lora is None:
+        return model, [{"params": list(model.parameters())}]
+    from peft import LoraConfig, get_peft_model
+
+    from raycpt.config import LoraConfig as RaycptLora
+
+    spec = RaycptLora(**lora)
+    embeddings = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    model = get_peft_model(model, LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                             target_modules=list(spec.target_modules), bias="none"))
+    if spec.train_embeddings:
+        for p in embeddings:
+            p.requires_grad_(True)
+    emb_ids = {id(p) for p in embeddings}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in emb_ids]
+    ratio = recipe.get("optim", {}).get("embedding_lr_ratio", 1.0)
+    groups = [{"params": rest}]
+    if spec.train_embeddings:
+        groups.append({"params": list({id(p): p for p in embeddings}.values()), "lr": 1e-4 * ratio})
+    return model, groups
+
+
+def trained_flops_per_token(n_params: int, n_trainable: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """6N + attention, less the weight-gradient matmuls (2 FLOP per token and frozen parameter)
+    that backward skips for frozen weights."""
+    return flops_per_token(n_params, n_layers, hidden, seq_len) - 2.0 * (n_params - n_trainable)
+
+
+def plain_loop(o: TrainBenchOptions, compiled: bool, device: torch.device) -> dict[str, Any]:
+    """One device, the worker's share of the global batch, gradient accumulation like the real path."""
+    rows = o.global_batch_size // o.workers
+    accum = rows // o.micro_batch_size
+    cfg = llama_config(o.shape, num_layers=o.layers)
+    model, groups = plain_model(o, device)
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+    opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
     fwd = torch.compile(model) if compiled else model
     batches = [torch.randint(0, cfg.vocab_size, (o.micro_batch_size, o.seq_len), device=device) for _ in range(4)]
     if cuda:
@@ -231,14 +287,16 @@ def plain_loop(o: TrainBenchOptions, compiled: bool, device: torch.device) -> di
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 loss = fwd(input_ids=x, labels=x, use_cache=False).loss
             (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         clock.mark()
     times = clock.read()[o.warmup_steps:]
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    out = _timing(times, rows * o.seq_len, flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size,
-                                                            o.seq_len), device_peak_flops(device), 1)
+    unique = {id(p): p for p in model.parameters()}.values()
+    n_params, n_trainable = sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad)
+    out = _timing(times, rows * o.seq_len, trained_flops_per_token(n_params, n_trainable, cfg.num_hidden_layers,
+                                                                    cfg.hidden_size, o.seq_len),
+                  device_peak_flops(device), 1)
     out.update(peak_memory_gib=peak_memory_gib(device), data_wait_share=None, checkpoint_stall_s=None,
                final_loss=float(loss.detach()) if loss is not None else None)
     del model, opt, fwd, batches, loss
@@ -308,18 +366,19 @@ def bench_train(o: TrainBenchOptions, log=print) -> dict[str, Any]:
                                            o.kill_at_step % (o.checkpoint_every or o.kill_at_step) == 0):
         raise ConfigError(f"--kill-at-step {o.kill_at_step}: must be a checkpoint step (a multiple of "
                           f"--checkpoint-every) between 0 and --steps {o.steps}")
+    if o.layers is not None and o.layers <= 0:
+        raise ConfigError(f"--layers {o.layers}: must be > 0")
     os.makedirs(o.workdir, exist_ok=True)
-    model_dir = write_model_folder(o.shape, os.path.join(o.workdir, f"model-{o.shape}"))
+    layers_tag = f"-l{o.layers}" if o.layers else ""
+    model_dir = write_model_folder(o.shape, os.path.join(o.workdir, f"model-{o.shape}{layers_tag}"), o.layers)
     rows = max(256, o.global_batch_size * 8)  # the plan cycles over them; speed does not depend on content
     source_dir = write_random_source(os.path.join(o.workdir, f"data-{o.shape}-{o.seq_len}"), model_dir, rows,
                                      o.seq_len)
-    cfg = llama_config(o.shape)
+    cfg = llama_config(o.shape, num_layers=o.layers)
     device = torch.device("cuda", 0) if o.use_gpu else torch.device("cpu")
     peak = device_peak_flops(device)
     real = run_real_path(o, model_dir, source_dir)
-    from raycpt.model.hf import build_on_meta, param_count
-
-    flops_tok = flops_per_token(param_count(build_on_meta(cfg)), cfg.num_hidden_layers, cfg.hidden_size, o.seq_len)
+    flops_tok = _real_flops_per_token(real["job"], cfg, o.seq_len)
     results: dict[str, Any] = {"raycpt": summarize_real(real["reports"], o, flops_tok, peak, real["timeline"])}
     results["raycpt"]["wall_s"] = real["wall_s"]
     results["raycpt"]["resume_after_kill"] = resume_timeline(real["timeline"])
@@ -338,6 +397,19 @@ def bench_train(o: TrainBenchOptions, log=print) -> dict[str, Any]:
             "versions": {"torch": torch.__version__, **_versions()}}
 
 
+def _real_flops_per_token(job, cfg, seq_len: int) -> float:
+    """FLOPs per token of the model the real path trained (its LoRA recipe included), from a meta build."""
+    from raycpt.model.hf import build_on_meta
+    from raycpt.model.lora import count_params, partial_training
+
+    model = build_on_meta(cfg)
+    prepare = partial_training(job.model)
+    if prepare is not None:
+        model = prepare(model)
+    n_params, n_trainable = count_params(model)
+    return trained_flops_per_token(n_params, n_trainable, cfg.num_hidden_layers, cfg.hidden_size, seq_len)
+
+
 def _versions() -> dict[str, str]:
     import ray
     import transformers
@@ -347,14 +419,15 @@ def _versions() -> dict[str, str]:
 
 def format_report(r: dict[str, Any]) -> str:
     o = r["options"]
-    lines = [f"bench train: {o['shape']}, seq {o['seq_len']}, global batch {o['global_batch_size']} "
+    layers = f" ({o['layers']} layers)" if o.get("layers") else ""
+    lines = [f"bench train: {o['shape']}{layers}, seq {o['seq_len']}, global batch {o['global_batch_size']} "
              f"(micro {o['micro_batch_size']}), {o['workers']} worker(s) on {r['device']}, "
              f"{o['steps']} steps ({o['warmup_steps']} warm-up not timed), "
              f"{r['flops_per_token'] / 1e9:.2f} GFLOP/token",
              f"{'path':<36}{'tokens/s':>11}{'per dev':>10}{'median':>9}{'MFU':>7}{'step med':>10}{'p90':>8}"
              f"{'peak mem':>10}"
              f"{'data wait':>10}{'ckpt stall':>11}"]
-    names = {"raycpt": "raycpt train (Ray+FSDP2)", "plain_compiled": "plain loop, torch.compile",
+    names = {"raycpt": "raycpt train (Ray Train)", "plain_compiled": "plain loop, torch.compile",
              "plain_eager": "plain loop, eager"}
     devs = o["workers"]
     for k, v in r["results"].items():

@@ -1,0 +1,199 @@
+"""Sweeps at the concurrency the user has: several trials sharing resources, synchronous
+successive halving stopping trials that run one at a time, the GPU share's memory check, the
+Optuna search, and the compute-share figure of `raycpt bench tune` on known numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import tiny_job_tree
+from raycpt import storage
+from raycpt.config import ConfigError
+from raycpt.tune.config import parse_sweep
+from raycpt.tune.resources import (
+    CONTEXT_OVERHEAD_BYTES,
+    GIB,
+    check_share_fits,
+    compute_share,
+    job_training_memory,
+    training_memory,
+)
+from raycpt.tune.schedulers import choose_kind, rung_steps
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_rungs_and_the_scheduler_chosen_by_concurrency():
+    assert rung_steps(25, 4, 400, 25) == [25, 100]          # 400/16, 400/4
+    assert rung_steps(50, 3, 300, 50) == [100]              # 300/9 = 33 is under the grace period
+    assert rung_steps(20, 3, 180, 25) == [50]               # 180/3 = 60 -> the evaluation at 50; 20 -> none
+    assert rung_steps(4, 3, 8, 4) == [4]                    # budget under factor x grace: one rung at grace
+    # Few at once: synchronous halving; many at once and many more trials than that: ASHA.
+    assert choose_kind("auto", 1, 8, 3, 8) == "hyperband"
+    assert choose_kind("auto", 4, 8, 3, 8) == "hyperband"
+    assert choose_kind("auto", 16, 30, 3, 8) == "hyperband"  # 30 trials < 3 x 16 at once
+    assert choose_kind("auto", 16, 100, 3, 8) == "asha"
+    assert choose_kind("asha", 1, 8, 3, 8) == "asha"       # an explicit kind stays
+
+
+def test_training_memory_on_known_numbers():
+    m = training_memory(1000, num_layers=2, hidden_size=8, intermediate_size=16, vocab_size=32, micro_batch_size=2,
+                        seq_len=4, bf16=True, activation_checkpointing=False, loss_chunk_tokens=0)
+    # 8 tokens x 2 blocks x 2 bytes x (8*8 + 4*16); one loss chunk of 8 tokens x 32 x (2 + 4 + 4) bytes
+    assert (m.weights_bytes, m.grads_bytes, m.optimizer_bytes) == (6000, 4000, 8000)
+    assert m.activations_bytes == 8 * 2 * 2 * (64 + 64) and m.loss_bytes == 8 * 32 * 10
+    assert m.total_bytes == int((6000 + 4000 + 8000 + 4096 + 2560) * 1.15) + CONTEXT_OVERHEAD_BYTES
+    ckpt = training_memory(1000, 2, 8, 16, 32, 2, 4, bf16=True, activation_checkpointing=True, loss_chunk_tokens=0)
+    assert ckpt.activations_bytes == 8 * (2 * 2 * 8 + 2 * (64 + 64))  # block inputs + one block rebuilt
+
+
+def test_gpu_share_check_names_the_key(tmp_path):
+    from raycpt.model.shapes import llama_config
+
+    tree = tiny_job_tree(str(tmp_path), "/models/smollm2", {"code": "/d/c", "english": "/d/e"},
+                         data={"seq_len": 2048}, train={"micro_batch_size": 8, "global_batch_size": 16},
+                         scaling={"num_workers": 1, "use_gpu": True})
+    from raycpt.config import parse_job
+
+    estimate = job_training_memory(parse_job(tree), llama_config("smollm2-135m"))
+    assert 130e6 < estimate.params < 140e6
+    assert 10 * GIB < estimate.total_bytes < 30 * GIB  # activations of 16k tokens dominate
+    check_share_fits(estimate, 0.25, 141 * GIB, "NVIDIA H200")  # 4 trials a GPU: 35 GiB each
+    with pytest.raises(ConfigError, match=r"tune.gpus_per_trial: 0.1 of NVIDIA H100 \(80 GiB\) is 8.0 GiB.*"
+                                          r"raise it to at least 0\.\d+"):
+        check_share_fits(estimate, 0.1, 80 * GIB, "NVIDIA H100")
+
+
+def test_compute_share_on_known_numbers():
+    share = compute_share({"trial_steps": 650, "gpu_seconds": 300.0, "wall_s": 200.0},
+                          {"trial_steps": 3200, "gpu_seconds": 1200.0, "wall_s": 400.0})
+    assert share == {"trial_steps": pytest.approx(0.203125), "gpu_seconds": 0.25, "wall_s": 0.5}
+
+
+def _tree(tmp_path, scaling=None, **tune):
+    tree = tiny_job_tree(str(tmp_path / "runs"), "/models/tiny", {"code": "/data/code", "english": "/data/en"},
+                         eval={"interval_steps": 2, "max_rows": 4}, scaling=scaling or {"num_workers": 1})
+    tree["tune"] = {"space": {"optim.peak_lr": {"loguniform": [1e-5, 1e-2]}}, **tune}
+    return tree
+
+
+def test_share_and_search_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        parse_sweep(_tree(tmp_path, gpus_per_trial=0.25, search="grid"), tmp_path)
+    msg = str(e.value)
+    assert "tune.gpus_per_trial: needs scaling.use_gpu=true" in msg
+    assert "tune.space.optim.peak_lr: tune.search=grid needs grid or choice values" in msg
+    with pytest.raises(ConfigError, match=r"tune.gpus_per_trial: 0.5 needs scaling.num_workers=1"):
+        parse_sweep(_tree(tmp_path, scaling={"num_workers": 2, "use_gpu": True}, gpus_per_trial=0.5), tmp_path)
+    with pytest.raises(ConfigError, match="tune.gpus_per_trial: "):
+        parse_sweep(_tree(tmp_path, gpus_per_trial=1.5), tmp_path)
+    with pytest.raises(ConfigError, match="tune.space.data.replay_ratio: tune.search=optuna draws every key"):
+        parse_sweep(_tree(tmp_path, search="optuna", space={"data.replay_ratio": {"grid": [0.1, 0.2]}}), tmp_path)
+    job, tune = parse_sweep(_tree(tmp_path, scaling={"num_workers": 1, "use_gpu": True}, gpus_per_trial=0.25,
+                                  search="optuna"), tmp_path)
+    assert tune.gpus_per_trial == 0.25 and tune.search == "optuna"
+
+
+def test_optuna_search_starts_from_the_job_config_then_draws_in_bounds(tmp_path):
+    pytest.importorskip("optuna")
+    from raycpt.tune.sweep import build_search_alg
+
+    job, tune = parse_sweep(_tree(tmp_path, search="optuna", seed=3,
+                                  space={"optim.peak_lr": {"loguniform": [1e-5, 1e-2]},
+                                         "data.replay_ratio": {"choice": [0.1, 0.3]}}), tmp_path)
+    import ray.tune
+
+    space = {"optim.peak_lr": ray.tune.loguniform(1e-5, 1e-2), "data.replay_ratio": ray.tune.choice([0.1, 0.3])}
+    limiter = build_search_alg(tune, [{"optim.peak_lr": 1e-3, "data.replay_ratio": 0.3}], 2, None)
+    assert limiter.set_search_properties("objective", "min", space)
+    first = limiter.suggest("a")
+    assert first == {"optim.peak_lr": 1e-3, "data.replay_ratio": 0.3}
+    drawn = limiter.suggest("b")
+    assert 1e-5 <= drawn["optim.peak_lr"] <= 1e-2 and drawn["data.replay_ratio"] in (0.1, 0.3)
+    assert limiter.suggest("c") is None  # 2 at a time
+    limiter.on_trial_complete("a", {"objective": 2.0, "step": 8})
+    assert limiter.suggest("c") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Real sweeps on the local Ray
+
+
+def _sweep(tmp_path, tiny_model, prepared_sources, name: str, **tune):
+    """Trials of 1 CPU worker, 8 steps of 4 sequences, an evaluation every 4; the job's own LR
+    (1e-2) teaches the tiny model much faster than the sampled ones (1e-6..1e-5)."""
+    tree = tiny_job_tree(str(tmp_path / "runs"), tiny_model, prepared_sources,
+                         train={"global_batch_size": 4, "max_steps": 8, "log_interval_steps": 4},
+                         optim={"peak_lr": 1e-2, "warmup_steps": 1}, scaling={"num_workers": 1},
+                         checkpoint={"interval_steps": 8, "keep_last": 1}, eval={"interval_steps": 4, "max_rows": 4},
+                         metrics={"tensorboard": False})
+    tree["tune"] = {"name": name, "space": {"optim.peak_lr": {"loguniform": [1e-6, 1e-5]}},
+                    "num_samples": 2, "max_steps_per_trial": 8, **tune}
+    return parse_sweep(tree, tmp_path)
+
+
+def _spans(folder: str) -> list[tuple[float, float]]:
+    """(trial start, first optimizer step) of every start of every trial."""
+    spans = []
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name)) as f:
+            events = [json.loads(line) for line in f if line.strip()]
+        start = None
+        for e in events:
+            if e["event"] == "trial_start":
+                start = e["time"]
+            elif e["event"] == "first_step" and start is not None:
+                spans.append((start, e["time"]))
+                start = None
+    return spans
+
+
+@pytest.mark.slow
+def test_sync_halving_stops_trials_that_run_one_at_a_time(tmp_path, tiny_model, prepared_sources, ray_local):
+    """One trial at a time, 3 trials, a rung at step 4 keeping 1 of 3: ASHA would promote the
+    first trial to reach the rung whatever it is; synchronous halving pauses each at the rung,
+    judges all three together and resumes only the best from its rung checkpoint."""
+    from raycpt.tune.sweep import run_sweep
+
+    job, tune = _sweep(tmp_path, tiny_model, prepared_sources, "sync-sweep", max_concurrent_trials=1,
+                       scheduler={"kind": "auto", "grace_period_steps": 4, "reduction_factor": 3})
+    out = run_sweep(job, tune, loop_options={"local_stream": True, "timeline_dir": str(tmp_path / "timelines")})
+    assert out["scheduler"] == "hyperband" and out["errors"] == 0
+    trials = out["trials"]
+    c = out["compute"]
+    assert c["steps_if_all_ran_to_the_end"] == 24 and c["steps_trained"] == 3 * 4 + 4 and c["stopped_early"] == 2
+    best = next(t for t in trials if t["trial_id"] == out["best_trial"])
+    assert best["baseline"] and best["status"] == "done" and best["steps"] == 8
+    # The winner was paused at the rung and resumed from its step-4 checkpoint: no step twice.
+    run_uri = storage.join(out["uri"], "runs", best["run_name"])
+    starts_uri = storage.join(run_uri, "metrics", "starts")
+    starts = [storage.read_json(storage.join(starts_uri, n)) for n in sorted(storage.list_dir(starts_uri))]
+    assert [s["kind"] for s in starts] == ["fresh_base", "resume"] and starts[1]["step"] == 4
+    history = storage.read_json(storage.join(run_uri, "metrics", "eval.json"))
+    assert [h["step"] for h in history] == [0, 4, 8]
+    # Trials ran one at a time: each start (3 trials + the winner's resume) after the previous first step.
+    spans = sorted(_spans(str(tmp_path / "timelines")))
+    assert len(spans) == 4
+    assert all(later[0] > earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+
+
+@pytest.mark.slow
+def test_trials_share_the_cpus_and_overlap(tmp_path, tiny_model, prepared_sources, ray_local):
+    """Three trials whose workers reserve half a CPU each train at the same time on the test's
+    4-CPU Ray (every trial started before any took its first step)."""
+    from raycpt.tune.sweep import run_sweep
+
+    job, tune = _sweep(tmp_path, tiny_model, prepared_sources, "shared-sweep", max_concurrent_trials=3,
+                       scheduler={"kind": "fifo"})
+    job = job.model_copy(update={"scaling": job.scaling.model_copy(update={"cpus_per_worker": 0.5})})
+    out = run_sweep(job, tune, loop_options={"local_stream": True, "timeline_dir": str(tmp_path / "timelines")})
+    assert out["errors"] == 0 and len(out["trials"]) == 3
+    assert all(t["status"] == "done" for t in out["trials"])
+    spans = _spans(str(tmp_path / "timelines"))
+    assert len(spans) == 3
+    assert max(s for s, _ in spans) < min(f for _, f in spans), f"trials did not overlap: {spans}"
