@@ -23,6 +23,7 @@ demo: install
 	$(BIN)/raycpt demo
 
 test: install
+	$(BIN)/python -m ruff check raycpt tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 clean-demo:

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="output folder or s3:// prefix")
     s.add_argument("--text-column", default="text",
                    help="text field of jsonl / Parquet / HF `datasets` save_to_disk inputs")
-    s.add_argument("--eval-fraction", type=float, default=0.0, help="share of documents held out for eval (1: an eval-only source for eval.probes)")
+    s.add_argument("--eval-fraction", type=float, default=0.0,
+                   help="share of documents held out for eval (1: an eval-only source for eval.probes)")
     s.add_argument("--group-mb", type=float, default=8.0, help="input MB per prepare task")
     s.add_argument("--rows-per-row-group", type=int, default=64, help="Parquet row-group size in rows")
     s.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
@@ -309,14 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="held-out sets, probes and multiple-choice tasks on a run, checkpoint or HF folder")
     s.add_argument("target", help="run folder (its newest committed checkpoint), checkpoint folder, or HF folder")
     s.add_argument("overrides", nargs="*", help="dotted overrides of --job")
-    s.add_argument("--job", default=None, help="job YAML whose sources and eval section to use (default: the run's own)")
+    s.add_argument("--job", default=None,
+                   help="job YAML whose sources and eval section to use (default: the run's own)")
     s.add_argument("--probe", action="append", metavar="NAME=PATH", help="a prepared source to evaluate (repeatable)")
     s.add_argument("--task", action="append", metavar="NAME=PATH", help="a multiple-choice jsonl (repeatable)")
     s.add_argument("--max-rows", type=int, default=None, help="rows per source/probe (default: eval.max_rows)")
     s.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass")
     s.add_argument("--seq-len", type=int, default=None, help="token limit of task requests (default: data.seq_len)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    s.add_argument("--base", default=None, help="HF folder of the architecture/tokenizer (default: the run's model.base)")
+    s.add_argument("--base", default=None,
+                   help="HF folder of the architecture/tokenizer (default: the run's model.base)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_eval)
 

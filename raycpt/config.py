@@ -375,7 +375,8 @@ class JobConfig(_Section):
                 f" (e.g. {self.train.micro_batch_size * math.lcm(*range(lo, hi + 1))})"
             )
         if self.optim.warmup_steps > self.train.max_steps:
-            problems.append(f"optim.warmup_steps: {self.optim.warmup_steps} exceeds train.max_steps {self.train.max_steps}")
+            problems.append(f"optim.warmup_steps: {self.optim.warmup_steps} exceeds train.max_steps "
+                            f"{self.train.max_steps}")
         if self.optim.min_lr > self.optim.peak_lr:
             problems.append("optim.min_lr: must not exceed optim.peak_lr")
         if self.model.init.source == "base" and not self.model.base:
@@ -384,7 +385,8 @@ class JobConfig(_Section):
             problems.append("model.init.run: required when model.init.source is run (a run folder URI)")
         if self.model.init.source == "adapter":
             if not self.model.init.adapter:
-                problems.append("model.init.adapter: required when model.init.source is adapter (a PEFT adapter folder)")
+                problems.append("model.init.adapter: required when model.init.source is adapter "
+                                "(a PEFT adapter folder)")
             if self.model.lora is None:
                 problems.append("model.lora: required when model.init.source is adapter; set it to the adapter's shape")
         source_paths = {s.path.rstrip("/") for s in self.data.sources}

@@ -15,7 +15,6 @@ from raycpt import storage
 from raycpt.config import JobConfig
 from raycpt.errors import find_raycpt_error
 
-
 # What a Ray worker process imports before it is given work, when the local Ray is started with
 # them (`preload_modules`): a trial's driver, Ray Train controller and training worker are three
 # fresh processes, each of which would import these (seconds each) before its first step.
@@ -108,7 +107,8 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
         train_loop_config={"job": job.model_dump(mode="json"), **(loop_options or {})},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=job.scaling.use_gpu,
-            resources_per_worker={"CPU": job.scaling.cpus_per_worker, **({"GPU": gpus_per_worker} if job.scaling.use_gpu else {})},
+            resources_per_worker={"CPU": job.scaling.cpus_per_worker,
+                                  **({"GPU": gpus_per_worker} if job.scaling.use_gpu else {})},
         ),
         torch_config=_torch_config_with_sigterm_hook(backend="nccl" if job.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(

@@ -167,7 +167,8 @@ def plot_run(run_uri: str, output: str) -> str:
         role = roles.get(name)
         ax_loss.plot([s for s, _ in pts], [v for _, v in pts], marker="o", lw=2,
                      ls="--" if role == "replay" else "-",
-                     label=f"eval {name}" + (f" ({'old domain' if role == 'replay' else 'new domain'})" if role else ""))
+                     label=f"eval {name}"
+                     + (f" ({'old domain' if role == 'replay' else 'new domain'})" if role else ""))
     draw_probes(ax_loss, evals)
     ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.set_title(f"{run_uri.rstrip('/').rsplit('/', 1)[-1]}: loss per domain")
@@ -264,7 +265,8 @@ def plot_sweep(sweep_uri: str, output: str) -> str:
     ax.set_xlabel(f"worst forgetting over {over} ({'% of the step-0 loss' if o.relative else 'nats'})")
     ax.set_ylabel("new-domain held-out loss (nats/token)")
     best = summary.best or summary.closest
-    note = (f"best: {best.trial_id}" if summary.best else f"none within budget; closest: {best.trial_id}") if best else ""
+    note = ((f"best: {best.trial_id}" if summary.best else f"none within budget; closest: {best.trial_id}")
+            if best else "")
     ax.set_title(f"sweep {summary.name}: adaptation vs forgetting  {note}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)

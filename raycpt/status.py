@@ -34,14 +34,15 @@ def format_status(st: dict[str, Any]) -> str:
     if st["latest_step"] is None:
         lines.append("  no committed checkpoint yet")
         return "\n".join(lines)
-    lines.append(f"  latest committed step {st['latest_step']}/{st['max_steps']} (written by {st['world_size']} workers)")
+    lines.append(f"  latest committed step {st['latest_step']}/{st['max_steps']} "
+                 f"(written by {st['world_size']} workers)")
     total = sum(st["tokens_per_source"].values())
     for name, n in st["tokens_per_source"].items():
         lines.append(f"  tokens {name:<16} {n:>14,} ({100 * n / max(total, 1):.1f}%)")
     if st.get("starts"):
         last = st["starts"][-1]
-        lines.append(f"  starts       {len(st['starts'])} ({len(st['starts']) - 1} restarts); the last: {last['kind']} at "
-                     f"step {last['step']} on {last['world_size']} workers")
+        lines.append(f"  starts       {len(st['starts'])} ({len(st['starts']) - 1} restarts); "
+                     f"the last: {last['kind']} at step {last['step']} on {last['world_size']} workers")
     lines.append("  checkpoints: " + ", ".join(f"{c['step']}{'' if c['committed'] else ' (incomplete)'}"
                                                for c in st["checkpoints"]))
     if st["last_eval"]:
@@ -56,7 +57,8 @@ def format_eval_change(first: dict[str, Any], last: dict[str, Any]) -> list[str]
         for name, loss in last.get(field, {}).items():
             was = first.get(field, {}).get(name)
             change = f"{loss - was:>+9.4f} {100 * (loss - was) / was:>+6.1f}%" if was else f"{'-':>9}"
-            lines.append(f"  {(name + tag):<12} {was if was is not None else float('nan'):>12.4f} {loss:>12.4f} {change}")
+            before = was if was is not None else float("nan")
+            lines.append(f"  {(name + tag):<12} {before:>12.4f} {loss:>12.4f} {change}")
     for name, t in last.get("tasks", {}).items():
         was = first.get("tasks", {}).get(name)
         for metric in ("acc", "acc_norm"):

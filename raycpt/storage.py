@@ -114,7 +114,9 @@ def _explain(e: BaseException, what: str) -> BaseException:
         return e
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return StorageError(f"{what}: the bucket does not exist; create it or fix run.storage / data.sources[*].path")
-    if any(k in text for k in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "NoCredentials", "Unable to locate credentials")):
+    denied = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "NoCredentials",
+              "Unable to locate credentials")
+    if any(k in text for k in denied):
         return StorageError(
             f"{what}: access denied or no credentials ({type(e).__name__}); set AWS_ACCESS_KEY_ID/"
             "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance/service-account role"

@@ -46,7 +46,8 @@ def raycpt(*args: str, timeout_s: float = 120, env: dict[str, str] | None = None
                            timeout=timeout_s, cwd=REPO,
                            env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp,
                                 **(env or {})})
-        sessions = set(glob.glob(os.path.join(ray_tmp, "ray", "session_*")) + glob.glob(os.path.join(ray_tmp, "session_*")))
+        sessions = set(glob.glob(os.path.join(ray_tmp, "ray", "session_*"))
+                       + glob.glob(os.path.join(ray_tmp, "session_*")))
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     return Outcome(p.returncode, p.stdout, p.stderr, time.monotonic() - t0, sessions)

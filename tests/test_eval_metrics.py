@@ -43,7 +43,8 @@ def test_eval_is_the_token_mean_over_all_rows_whatever_the_micro_batch():
         logits = model(input_ids=x).logits[:, :-1]
         expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 100), x[:, 1:].reshape(-1)).item()
     for micro in (1, 2, 5):
-        assert eval_losses(model, {"d": rows}, 0, 1, micro, torch.device("cpu"))["d"] == pytest.approx(expected, abs=1e-5)
+        got = eval_losses(model, {"d": rows}, 0, 1, micro, torch.device("cpu"))["d"]
+        assert got == pytest.approx(expected, abs=1e-5)
     assert eval_losses(model, {"d": rows[:0]}, 0, 1, 2, torch.device("cpu")) == {}  # no held-out rows: no entry
 
 
@@ -118,7 +119,8 @@ def test_task_file_errors_name_key_file_and_line(tmp_path):
     from raycpt.evals.tasks import read_items
 
     path = tmp_path / "t.jsonl"
-    path.write_text('{"context": "a", "choices": [" b", " c"], "gold": 1}\n{"context": "a", "choices": [" b"], "gold": 0}\n')
+    path.write_text('{"context": "a", "choices": [" b", " c"], "gold": 1}\n'
+                    '{"context": "a", "choices": [" b"], "gold": 0}\n')
     with pytest.raises(DataError, match=r"eval.tasks\[0\].path: .*t.jsonl:2: context must be a string and choices"):
         read_items(str(path), "eval.tasks[0].path")
     assert len(read_items(str(path), "k", max_items=1)) == 1
@@ -129,7 +131,6 @@ def test_task_file_errors_name_key_file_and_line(tmp_path):
 
 def test_shipped_cloze_task_is_valid_and_rebuilds_the_same():
     import json
-
     import pydoc_data.topics
 
     from raycpt.evals.cloze import build_items

@@ -41,7 +41,8 @@ def _agent_ports() -> list[str]:
 def _ray(*args: str, timeout: float = 120, check: bool = True, env=None) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode:
-        raise AssertionError(f"ray {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"ray {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                             f"{proc.stderr[-3000:]}")
     return proc
 
 

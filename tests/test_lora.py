@@ -36,7 +36,7 @@ def checkpoint_state(run_uri: str, base: str, lora: dict | None) -> dict[str, to
     import torch.distributed.checkpoint as dcp
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from raycpt.checkpoint.dcp import _reader
+    from raycpt.checkpoint.dcp import storage_reader
     from raycpt.config import LoraConfig
     from raycpt.model.lora import add_adapters
 
@@ -44,7 +44,7 @@ def checkpoint_state(run_uri: str, base: str, lora: dict | None) -> dict[str, to
     if lora:
         add_adapters(model, LoraConfig(**lora))
     sd = model.state_dict()
-    dcp.load({"model": sd}, storage_reader=_reader(latest_committed(run_uri).uri))
+    dcp.load({"model": sd}, storage_reader=storage_reader(latest_committed(run_uri).uri))
     return sd
 
 

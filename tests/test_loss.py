@@ -40,8 +40,9 @@ def test_all_targets_ignored_gives_zero_not_nan():
 
 
 def test_model_forward_uses_chunked_loss_and_matches_hf():
-    from raycpt.model.shapes import llama_config
     from transformers import AutoModelForCausalLM
+
+    from raycpt.model.shapes import llama_config
 
     torch.manual_seed(0)
     cfg = llama_config("tiny")

@@ -62,7 +62,8 @@ def test_eval_only_source_is_a_probe_and_never_a_training_source(probe_source, t
 
     tree = tiny_job_tree(str(tmp_path), tiny_model, prepared_sources)
     tree["data"]["sources"][1]["path"] = probe_source
-    with pytest.raises(DataError, match=r"data.sources\[1\].path: .* no training rows, it holds only held-out rows .* eval.probes"):
+    with pytest.raises(DataError, match=r"data.sources\[1\].path: .* no training rows, "
+                                        r"it holds only held-out rows .* eval.probes"):
         preflight(parse_job(tree))
 
     clash = _probed_tree(str(tmp_path), tiny_model, prepared_sources, prepared_sources["english"])
@@ -86,7 +87,8 @@ def test_probe_and_task_are_evaluated_at_step_0_every_interval_and_the_end(probe
     assert [h["step"] for h in history] == [0, 2, 4]
     first, last = history[0], history[-1]
     assert set(first["probe_loss"]) == {"topics"} and first["probe_forgetting"] == {"topics": 0.0}
-    assert last["probe_forgetting"]["topics"] == pytest.approx(last["probe_loss"]["topics"] - first["probe_loss"]["topics"])
+    topics_change = last["probe_loss"]["topics"] - first["probe_loss"]["topics"]
+    assert last["probe_forgetting"]["topics"] == pytest.approx(topics_change)
     assert last["relative_forgetting"]["topics"] == pytest.approx(
         last["probe_forgetting"]["topics"] / first["probe_loss"]["topics"])
     assert set(last["relative_forgetting"]) == {"english", "topics"}  # replay sources and probes
@@ -176,8 +178,8 @@ def test_sweep_scores_trials_on_the_probe_within_a_forgetting_budget(tmp_path, t
     for t in out["trials"]:
         assert set(t["forgetting_by"]) == {"english", "topics"} and t["within_budget"] is True
         assert t["objective"] == pytest.approx(t["new_loss"])
-        results = [json.loads(line) for line in
-                   (tmp_path / "runs" / "budget-sweep" / f"tune-{t['trial_id']}" / "result.json").read_text().splitlines()]
+        result_file = tmp_path / "runs" / "budget-sweep" / f"tune-{t['trial_id']}" / "result.json"
+        results = [json.loads(line) for line in result_file.read_text().splitlines()]
         assert [r["step"] for r in results] == [0, 2, 4]  # one Tune result per evaluation
         assert all(r["within_budget"] == 1.0 and "forgetting/topics" in r for r in results)
         assert results[-1]["forgetting/topics"] == pytest.approx(t["forgetting_by"]["topics"], abs=1e-6)

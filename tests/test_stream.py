@@ -40,6 +40,7 @@ def test_the_stream_crosses_ray_data_datasets_without_replaying_the_plan(tmp_pat
         _, sample_ids = stream.next()
         profile.disable()
         got.append(sample_ids)
+    stream.close()
     assert all(np.array_equal(a, b) for a, b in zip(got, expected[2:])), "the stream read other samples"
     assert stream.state_dict() == reference.state.state_dict()
     assert stream.tokens_per_source() == reference.tokens_per_source(job.data.seq_len)

@@ -12,10 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
-from pathlib import Path
 
 from conftest import tiny_job_tree
 from raycpt import storage
@@ -48,7 +48,8 @@ def test_objective_on_known_numbers():
     assert mean.forgetting == pytest.approx(0.09)  # (0.2 - 0.02) / 2
     assert mean.objective == pytest.approx(2.0 + 10 * 0.04)
 
-    off = score({"code": 2.0, "english": 9.0, "wiki": 9.0}, base, ROLES, cfg.model_copy(update={"forgetting_penalty": 0}))
+    no_penalty = cfg.model_copy(update={"forgetting_penalty": 0})
+    off = score({"code": 2.0, "english": 9.0, "wiki": 9.0}, base, ROLES, no_penalty)
     assert off.objective == 2.0
 
     # The same numbers as the worker loop reports them to Ray.
@@ -338,7 +339,8 @@ def _fake_sweep(root, budget: float) -> str:
             "objective": {"forgetting_budget": budget, "relative": True, "over": ["probes", "replay"]}}
     uri = str(root / "fake")
     job = parse_job(tree)
-    storage.write_json(f"{uri}/sweep.json", {"format_version": 1, "fingerprint": "x", "job": job.model_dump(mode="json"),
+    storage.write_json(f"{uri}/sweep.json", {"format_version": 1, "fingerprint": "x",
+                                             "job": job.model_dump(mode="json"),
                                              "tune": TuneSection.model_validate(tune).model_dump(mode="json")})
     trials = {  # id: (peak_lr, lora, step, new loss, english, wiki)
         "A": (8e-3, None, 8, 2.00, 3.03, 3.30), "B": (1e-4, None, 8, 2.20, 2.94, 3.06),

@@ -10,8 +10,8 @@ import json
 import os
 
 import pytest
-from conftest import tiny_job_tree
 
+from conftest import tiny_job_tree
 from raycpt import storage
 from raycpt.config import ConfigError
 from raycpt.tune.config import parse_sweep

@@ -25,6 +25,7 @@ def bench_checkpoint(shape: str, storage_uri: str, saves: int = 3, modes: tuple[
     from raycpt import storage
     from raycpt.checkpoint.dcp import Checkpointer
     from raycpt.checkpoint.layout import list_checkpoints
+    from raycpt.checkpoint.state import standalone_train_state
     from raycpt.model.fsdp import build_sharded_model
     from raycpt.model.shapes import llama_config
 
@@ -63,7 +64,7 @@ def bench_checkpoint(shape: str, storage_uri: str, saves: int = 3, modes: tuple[
             try:
                 for step in range(1, saves + 1):
                     t0 = time.perf_counter()
-                    stalls.append(ckpt.save(step, model, optimizer, {"step": step}))
+                    stalls.append(ckpt.save(step, model, optimizer, standalone_train_state(step, "bench")))
                     ckpt.wait()
                     persists.append(time.perf_counter() - t0)
                 assert [e.step for e in list_checkpoints(run_uri) if e.committed] == [saves]

@@ -424,7 +424,8 @@ def format_report(r: dict[str, Any]) -> str:
              f"(micro {o['micro_batch_size']}), {o['workers']} worker(s) on {r['device']}, "
              f"{o['steps']} steps ({o['warmup_steps']} warm-up not timed), "
              f"{r['flops_per_token'] / 1e9:.2f} GFLOP/token",
-             f"{'path':<36}{'tokens/s':>11}{'per dev':>10}{'median':>9}{'MFU':>7}{'step med':>10}{'p90':>8}{'peak mem':>10}"
+             f"{'path':<36}{'tokens/s':>11}{'per dev':>10}{'median':>9}{'MFU':>7}{'step med':>10}{'p90':>8}"
+             f"{'peak mem':>10}"
              f"{'data wait':>10}{'ckpt stall':>11}"]
     names = {"raycpt": "raycpt train (Ray Train)", "plain_compiled": "plain loop, torch.compile",
              "plain_eager": "plain loop, eager"}
@@ -446,7 +447,8 @@ def format_report(r: dict[str, Any]) -> str:
     if resume:
         lines.append(f"resume after SIGKILL of rank 0 at step {o['kill_at_step']}: first new step done "
                      f"{resume['first_step_s']:.1f}s after the kill (workers restarted at "
-                     f"{resume['worker_start_s']:.1f}s, model built at {resume['model_built_s']:.1f}s, checkpoint loaded at "
+                     f"{resume['worker_start_s']:.1f}s, model built at {resume['model_built_s']:.1f}s, "
+                     "checkpoint loaded at "
                      f"{resume['model_ready_s']:.1f}s)")
     for k, ratio in r["ratios_per_device"].items():
         lines.append(f"raycpt / {names.get(k, k)}, tokens/s per device: {ratio['all_steps']:.3f}x over all timed "

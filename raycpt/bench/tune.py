@@ -244,11 +244,13 @@ def format_report(r: dict[str, Any]) -> str:
         best = s["best"]["objective"] if s["best"] else None
         lines.append(f"{name:<7}{s['scheduler']:>11}{s['trial_steps']:>7}/{s['trial_steps_full_budget']:<5}"
                      f"{s['gpu_seconds']:>10.0f}{s['wall_s']:>7.0f}s{s['trial_starts']:>8}"
-                     f"{(f'{st:.1f}s' if st is not None else '-'):>14}{(f'{best:.4f}' if best is not None else '-'):>16}")
+                     f"{(f'{st:.1f}s' if st is not None else '-'):>14}"
+                     f"{(f'{best:.4f}' if best is not None else '-'):>16}")
     if "share" in r:
         sh, w = r["share"], r["winner"]
         gap = f"{w['objective_gap'] * 100:.2f}%" if w["objective_gap"] is not None else "-"
-        lines.append(f"early / full: trial-steps {sh['trial_steps'] * 100:.1f}%, {unit} {sh['gpu_seconds'] * 100:.1f}%, "
+        lines.append(f"early / full: trial-steps {sh['trial_steps'] * 100:.1f}%, "
+                     f"{unit} {sh['gpu_seconds'] * 100:.1f}%, "
                      f"wall {sh['wall_s'] * 100:.1f}%")
         lines.append(f"same winner: {'yes' if w['same_winner'] else 'no'} (same values: "
                      f"{'yes' if w['same_values'] else 'no'}; objective gap {gap}, tolerance "

@@ -28,7 +28,6 @@ from raycpt.checkpoint.integrity import load_or_name_the_checkpoint
 from raycpt.checkpoint.layout import COMMIT_MARKER, list_checkpoints, step_uri, to_delete
 from raycpt.checkpoint.state import TrainState, write_train_state
 
-
 _WRITE_THREADS = 8
 
 
@@ -155,6 +154,7 @@ class Checkpointer:
         self.pending_step: int | None = None
         self._pending_state: TrainState | None = None
         self.last_committed_step: int | None = None
+        self.blocked_s = 0.0  # seconds the training loop spent in save() and poll_commit(), all told
         # Fault tests hook in here to die with every shard written but no commit marker.
         self.before_commit = before_commit
         # Background saves talk on their own group so they never interleave with training collectives.
@@ -236,6 +236,7 @@ class Checkpointer:
         else:
             dcp.save(state, storage_writer=storage_writer(uri))
             self._commit(step, train_state)
+        self.blocked_s += time.perf_counter() - t0
         return time.perf_counter() - t0
 
     def poll_commit(self) -> int | None:
@@ -249,7 +250,7 @@ class Checkpointer:
         if uploading.item() > 0:
             return None
         step = self.pending_step
-        self.wait()
+        self.blocked_s += self.wait()  # the marker, the train state and retention: small writes
         return step
 
     def wait_durable(self) -> None:

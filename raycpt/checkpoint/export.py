@@ -21,12 +21,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from raycpt.errors import RaycptError
 from raycpt import storage
 from raycpt.checkpoint.dcp import storage_reader
 from raycpt.checkpoint.integrity import check_checkpoint, load_or_name_the_checkpoint
 from raycpt.checkpoint.layout import CheckpointEntry, checkpoint_uri_of
 from raycpt.checkpoint.state import TrainState
+from raycpt.errors import RaycptError
 
 
 class ExportError(RaycptError, RuntimeError):

@@ -19,6 +19,7 @@ from raycpt.checkpoint.layout import TRAIN_STATE, CheckpointEntry, list_checkpoi
 from raycpt.checkpoint.metadata import CheckpointError, UnsafeCheckpointError, read_metadata
 from raycpt.checkpoint.state import TrainState
 
+
 def read_train_state(checkpoint_uri: str) -> TrainState:
     """A checkpoint's train state; CheckpointError naming the file when it is missing or broken
     (a state written by a newer raycpt stays a ResumeError: falling back would not help)."""

@@ -41,7 +41,8 @@ class RayRecords:
         checkpoint = None
         if dist.get_rank() == 0:
             pointer = storage.join(self.job.run_uri, RAY_RECORDS, f"step-{step:08d}")
-            storage.write_json(storage.join(pointer, POINTER_FILE), {"step": step, "uri": step_uri(self.job.run_uri, step)})
+            storage.write_json(storage.join(pointer, POINTER_FILE),
+                               {"step": step, "uri": step_uri(self.job.run_uri, step)})
             fs = self.ray_train.get_context().get_storage().storage_filesystem
             path = pointer.split("://", 1)[-1] if storage.is_remote(pointer) else storage.local_path(pointer)
             checkpoint = Checkpoint(path=path, filesystem=fs)

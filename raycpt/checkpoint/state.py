@@ -73,3 +73,12 @@ def read_train_state(checkpoint_uri: str) -> TrainState:
 
 def write_train_state(checkpoint_uri: str, state: TrainState) -> None:
     storage.write_json(storage.join(checkpoint_uri, TRAIN_STATE), state.to_json())
+
+
+def standalone_train_state(step: int, reason: str) -> TrainState:
+    """The train state of a save that belongs to no training run (`raycpt bench checkpoint`):
+    its step, nothing else to resume."""
+    import time
+
+    return TrainState(step=step, data={}, source_names=[], tokens_per_source={}, config={}, config_fingerprint="",
+                      world_size=1, rng={}, versions={}, wall_time=time.time(), reason=reason)

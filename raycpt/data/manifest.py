@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from raycpt.errors import RaycptError
 from raycpt import storage
+from raycpt.errors import RaycptError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -159,7 +159,8 @@ def read_manifest(uri: str, key: str = "data.sources[*].path", for_training: boo
         )
         m.vocab_size  # noqa: B018 - must parse here, not in the middle of training
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise DataError(f"{key}: {muri} has a malformed field ({type(e).__name__}: {e}); re-run `raycpt prepare`") from None
+        raise DataError(f"{key}: {muri} has a malformed field ({type(e).__name__}: {e}); "
+                        "re-run `raycpt prepare`") from None
     if for_training and m.train.rows == 0 and m.eval.rows > 0:
         raise DataError(f"{key}: {uri} has no training rows, it holds only held-out rows (an eval-only source, "
                         "prepared with --eval-fraction 1); list it under eval.probes instead, or re-prepare it "

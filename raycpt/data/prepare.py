@@ -28,9 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raycpt import storage
+from raycpt.data.hf_saved import (
+    ARROW_SUFFIX,
+    check_arrow_text_column,
+    is_saved_dataset_metadata,
+    iter_arrow_documents,
+    saved_dataset_files,
+)
 from raycpt.data.manifest import MANIFEST_NAME, DataError, split_record, tokenizer_identity, write_manifest
-from raycpt.data.hf_saved import (ARROW_SUFFIX, check_arrow_text_column, is_saved_dataset_metadata,
-                                  iter_arrow_documents, saved_dataset_files)
 
 TEXT_SUFFIXES_JSONL = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -178,7 +183,8 @@ class GroupPacker:
         self.vocab_size = tokenizer_identity(self.tokenizer, "")["vocab_size"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[Any]] = {k: [] for k in ("group", "split", "path", "rows", "tokens", "documents", "dropped")}
+        keys = ("group", "split", "path", "rows", "tokens", "documents", "dropped")
+        out: dict[str, list[Any]] = {k: [] for k in keys}
         for group_id, files_json in zip(batch["group"], batch["files"]):
             for split, stats in self.pack_group(int(group_id), json.loads(files_json)).items():
                 out["group"].append(int(group_id))

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from raycpt import storage
 from raycpt.config import JobConfig, source_weights
 from raycpt.data.manifest import DataError, Manifest, read_manifest
-from raycpt.data.verify import check_token_rows
 from raycpt.data.plan import BlendPlan, PlanState, SourceSpec, split_sample_id, worker_slice
+from raycpt.data.verify import check_token_rows
 
 # Ray Data is asked for this many steps per dataset; a long run chains datasets.
 _STEPS_PER_DATASET = 10_000
@@ -142,7 +142,8 @@ class BatchReader:
             except DataError:
                 raise
             except Exception as e:  # noqa: BLE001
-                raise DataError(f"{uri}: row group {group} unreadable ({type(e).__name__}: {e}); re-run prepare") from None
+                raise DataError(f"{uri}: row group {group} unreadable ({type(e).__name__}: {e}); "
+                                "re-run prepare") from None
             arr = col.combine_chunks().values.to_numpy().reshape(-1, self.spec.seq_len)
             check_token_rows(arr, uri, group * self.spec.rows_per_row_group[source], self.spec.vocab_size)
             return arr
@@ -244,6 +245,12 @@ class DataStream:
             raise RuntimeError(f"data stream at step {data_step}, training at {self.step}")
         self.plan.advance()
         return input_ids, sample_ids
+
+    def close(self) -> None:
+        """Stop the reader (Ray Data's prefetching threads) before the end of the steps."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
     def _reader_spec(self) -> StreamSpec:
         return StreamSpec(**{**asdict(self.spec), "plan_state": self.state_dict()})

@@ -26,9 +26,10 @@ def prose_sentences(document: str) -> list[list[str]]:
     paragraphs = []
     for block in re.split(r"\n\s*\n", document):
         lines = block.splitlines()
-        if not lines or any(l.startswith("   ") or l.strip().startswith((">>>", "*", "+", "|", "=", "-")) for l in lines):
+        markup = (">>>", "*", "+", "|", "=", "-")
+        if not lines or any(ln.startswith("   ") or ln.strip().startswith(markup) for ln in lines):
             continue  # indented code, prompts, lists, tables, heading underlines
-        text = " ".join(l.strip() for l in lines)
+        text = " ".join(ln.strip() for ln in lines)
         if "::" in text or len(text) < 80:
             continue
         sentences = [s.strip() for s in _SENTENCE_END.split(text)]

@@ -55,7 +55,8 @@ def read_items(path: str, key: str, max_items: int | None = None) -> list[Item]:
     try:
         text = storage.read_bytes(path).decode("utf-8")
     except FileNotFoundError:
-        raise DataError(f"{key}: {path} does not exist (a JSON-lines file of {{context, choices, gold}} items)") from None
+        raise DataError(f"{key}: {path} does not exist "
+                        "(a JSON-lines file of {context, choices, gold} items)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{key}: {path} is unreadable ({type(e).__name__}: {e})") from None
     items: list[Item] = []
@@ -75,7 +76,8 @@ def read_items(path: str, key: str, max_items: int | None = None) -> list[Item]:
             raise DataError(f"{where}: context must be a string and choices a list of at least 2 non-empty strings")
         gold = d["gold"]
         if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-            raise DataError(f"{where}: gold must be the index of the right choice, 0..{len(choices) - 1} (got {gold!r})")
+            raise DataError(f"{where}: gold must be the index of the right choice, "
+                            f"0..{len(choices) - 1} (got {gold!r})")
         items.append(Item(d["context"], tuple(choices), gold))
         if max_items is not None and len(items) >= max_items:
             break

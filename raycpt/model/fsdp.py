@@ -52,7 +52,8 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | N
                 activation_checkpointing: bool = False, compile_blocks: bool = False) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
+          else MixedPrecisionPolicy())
     if activation_checkpointing:
         _checkpoint_blocks(model)
     layers = decoder_layers(model)

@@ -113,7 +113,8 @@ class Evaluator:
         """The job's sources (their held-out rows), `eval.probes` and `eval.tasks`."""
         probes = [(p.name, read_manifest(p.path, f"eval.probes[{i}].path", for_training=False))
                   for i, p in enumerate(job.eval.probes)]
-        tasks = [(t.name, read_items(t.path, f"eval.tasks[{i}].path", t.max_items)) for i, t in enumerate(job.eval.tasks)]
+        tasks = [(t.name, read_items(t.path, f"eval.tasks[{i}].path", t.max_items))
+                 for i, t in enumerate(job.eval.tasks)]
         return cls([(s.name, s.role, m) for s, m in zip(job.data.sources, manifests)], probes, tasks, tokenizer,
                    max_rows=job.eval.max_rows, seq_len=job.data.seq_len, batch_size=job.train.micro_batch_size,
                    tasks_at=job.eval.tasks_at, rank=rank, world=world, device=device)
@@ -136,7 +137,8 @@ class Evaluator:
             parts.append(f"probes {', '.join(f'{k} ({len(v)} rows)' for k, v in self.probe_rows.items())}")
         if self.tasks:
             parts.append(f"tasks {', '.join(f'{k} ({len(v[0])} items)' for k, v in self.tasks.items())}"
-                         f" scored {'at every evaluation' if self.tasks_at == 'every_eval' else 'at step 0 and the end'}")
+                         " scored " + ("at every evaluation" if self.tasks_at == "every_eval"
+                                       else "at step 0 and the end"))
         if not held and not self.probe_rows and not self.tasks:
             return "eval: no held-out rows in any source (prepare with --eval-fraction), no probes, no tasks; " \
                    "evaluation is off"

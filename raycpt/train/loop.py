@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from transformers import PretrainedConfig
 
 from raycpt import storage
@@ -67,7 +66,7 @@ def run_worker(config: dict[str, Any]) -> None:
     profiler = StepProfiler(list(hooks.profile) if hooks.profile else None, w.rank)
     window = MetricWindow(job, w.world, flops_per_token(n_params, model_config.num_hidden_layers,
                                                         model_config.hidden_size, job.data.seq_len),
-                          device_peak_flops(w.device), clock, stream)
+                          device_peak_flops(w.device), clock, stream, checkpointer)
     use_chunked_loss(model, job.model.loss_chunk_tokens)
     mlog = MetricsLog(job.run_uri, job.run.name, step, w.rank, job.metrics.tensorboard, job.metrics.mlflow_tracking_uri,
                       job.metrics.mlflow_experiment, params={"peak_lr": job.optim.peak_lr,
@@ -79,8 +78,8 @@ def run_worker(config: dict[str, Any]) -> None:
         run_evals(job, w, model, evaluator, mlog, step)
 
     def save(reason: str) -> None:
-        stall = checkpointer.save(step, model, optimizer, capture_train_state(job, w, step, stream, evaluator, reason))
-        window.checkpoint_stall_s += stall
+        state = capture_train_state(job, w, step, stream, evaluator, reason)
+        stall = checkpointer.save(step, model, optimizer, state)
         mlog.flush()
         w.say(f"checkpoint: step {step} ({reason}) saving, loop blocked {stall:.2f}s")
         records.report(checkpointer.last_committed_step)  # the previous save, committed by now
@@ -92,7 +91,8 @@ def run_worker(config: dict[str, Any]) -> None:
 
     # ---- The loop --------------------------------------------------------------------------------
     w.say(f"training: {n_params / 1e6:.1f}M params on {w.world} {w.device.type} worker(s), global batch "
-          f"{job.train.global_batch_size} x {job.data.seq_len} tokens, accum {accum}, steps {step}->{job.train.max_steps}")
+          f"{job.train.global_batch_size} x {job.data.seq_len} tokens, accum {accum}, "
+          f"steps {step}->{job.train.max_steps}")
     clock.mark()
     first_step = step
     while step < job.train.max_steps:
@@ -153,6 +153,7 @@ def run_worker(config: dict[str, Any]) -> None:
             raise RuntimeError(f"stopped at step {step} by {stop.reason}; "
                                "checkpoint committed, resubmit the job to resume")
 
+    stream.close()
     checkpointer.close()
     records.report(checkpointer.last_committed_step)
     mlog.close()

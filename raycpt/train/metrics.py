@@ -63,13 +63,16 @@ class MetricWindow:
     `report` closes the window with the metrics of its last step (the loss averaged over workers)
     and opens the next one."""
 
-    def __init__(self, job, world: int, flops_per_token: float, peak_flops: float | None, clock, stream):
+    def __init__(self, job, world: int, flops_per_token: float, peak_flops: float | None, clock, stream,
+                 checkpointer):
         self.job, self.world, self.flops_per_token, self.peak_flops = job, world, flops_per_token, peak_flops
-        self.clock, self.stream = clock, stream  # a StepClock (train/step.py) and a DataStream
+        # A StepClock (train/step.py), a DataStream and a Checkpointer: their wait/blocked counters.
+        self.clock, self.stream, self.checkpointer = clock, stream, checkpointer
         self._open()
 
     def _open(self) -> None:
-        self.t0, self.wait0, self.steps, self.checkpoint_stall_s = time.perf_counter(), self.stream.wait_s, 0, 0.0
+        self.t0, self.steps = time.perf_counter(), 0
+        self.wait0, self.blocked0 = self.stream.wait_s, self.checkpointer.blocked_s
 
     def step_done(self) -> None:
         self.steps += 1
@@ -101,7 +104,7 @@ class MetricWindow:
             "grad_norm": float(gn), "tokens_per_s": tps,
             "mfu": (tps * self.flops_per_token / (self.peak_flops * self.world)) if self.peak_flops else None,
             "data_wait_share": (self.stream.wait_s - self.wait0) / elapsed,
-            "checkpoint_stall_s": self.checkpoint_stall_s,
+            "checkpoint_stall_s": self.checkpointer.blocked_s - self.blocked0,
             "step_time_median_s": float(np.median(step_times)) if step_times else None,
             "step_time_p90_s": float(np.percentile(step_times, 90)) if step_times else None,
             "peak_memory_gib": peak_memory_gib(device),

@@ -42,7 +42,10 @@ def start_worker(hooks: LoopHooks) -> Worker:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-    w = Worker(rank, world, device, ray_context(), hooks.timeline(rank, device), new_attempt_id())
+    # One attempt id for the whole group, rank 0's: every rank checks the fence against it.
+    attempt = [new_attempt_id() if rank == 0 else None]
+    dist.broadcast_object_list(attempt, src=0)
+    w = Worker(rank, world, device, ray_context(), hooks.timeline(rank, device), attempt[0])
     w.timeline.mark("worker_start", None)
     return w
 

@@ -26,8 +26,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raycpt.config import (ConfigError, JobConfig, dotted_path, fix_hint, split_dotted, apply_overrides, parse_job,
-                           read_yaml_tree, resolve_relative_paths)
+from raycpt.config import (
+    ConfigError,
+    JobConfig,
+    apply_overrides,
+    dotted_path,
+    fix_hint,
+    parse_job,
+    read_yaml_tree,
+    resolve_relative_paths,
+    split_dotted,
+)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 
@@ -232,7 +241,8 @@ def _section_errors(e: ValidationError, prefix: str) -> list[str]:
             path = f"{prefix}.{dotted_path(loc)}" if loc else prefix
         msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else fix_hint(err, TuneSection)
         got = err.get("input")
-        got_txt = f" (got {got!r})" if err["type"] not in ("missing", "value_error") and not isinstance(got, dict) else ""
+        shown = err["type"] not in ("missing", "value_error") and not isinstance(got, dict)
+        got_txt = f" (got {got!r})" if shown else ""
         lines.append(f"{path}: {msg}{got_txt}")
     return lines
 
@@ -271,7 +281,8 @@ def parse_sweep(tree: dict[str, Any], base_dir: str | Path) -> tuple[JobConfig, 
 
     base = job.model_dump(mode="json")
     if not tune.space:
-        problems.append("tune.space: empty; name at least one dotted key, e.g. optim.peak_lr: {loguniform: [1e-5, 1e-3]}")
+        problems.append("tune.space: empty; name at least one dotted key, "
+                        "e.g. optim.peak_lr: {loguniform: [1e-5, 1e-3]}")
     for key, spec in tune.space.items():
         if key.split(".")[0].split("[")[0] in ("run", "tune"):
             problems.append(f"tune.space.{key}: run.* and tune.* are fixed per sweep; search training keys only")

@@ -137,7 +137,8 @@ def collect(uri: str, job: JobConfig, tune: TuneSection) -> SweepSummary:
         if history:
             s = score_record(history[-1], history[0], roles, tune.objective)
             row.eval_step = history[-1]["step"]
-            row.objective, row.new_loss, row.old_loss, row.forgetting = s.objective, s.new_loss, s.old_loss, s.forgetting
+            row.objective, row.new_loss = s.objective, s.new_loss
+            row.old_loss, row.forgetting = s.old_loss, s.forgetting
             row.forgetting_by, row.worst, row.within_budget = s.by_set, s.worst, s.within_budget
         row.status = _status(row, budget)
         summary.rows.append(row)
@@ -214,7 +215,8 @@ def format_table(summary: SweepSummary) -> str:
                     + [f"{r.steps}/{summary.budget_steps}", f"{r.status} {mark}".strip()])
     widths = [max(len(h), *(len(_fmt(b[i], 0).strip()) for b in body)) if body else len(h)
               for i, h in enumerate(heads)]
-    lines = ["  ".join(h.ljust(w) if i in (0, len(heads) - 1) else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
+    lines = ["  ".join(h.ljust(w) if i in (0, len(heads) - 1) else h.rjust(w)
+                       for i, (h, w) in enumerate(zip(heads, widths)))]
     for b in body:
         cells = [str(b[0]).ljust(widths[0])] + [_fmt(v, w) for v, w in zip(b[1:-1], widths[1:-1])] + [str(b[-1])]
         lines.append("  ".join(cells))
@@ -258,7 +260,8 @@ def format_summary(summary: SweepSummary) -> str:
         values = ", ".join(f"{k}={v}" for k, v in closest.values.items())
         budget = summary.objective.forgetting_budget
         lines.append(f"no trial met the forgetting budget ({_fmt_forgetting(budget, rel).lstrip('+')}); the closest: "
-                     f"trial {closest.trial_id} ({values}), worst forgetting {_fmt_forgetting(closest.forgetting, rel)} "
+                     f"trial {closest.trial_id} ({values}), "
+                     f"worst forgetting {_fmt_forgetting(closest.forgetting, rel)} "
                      f"on {closest.worst}, new loss {closest.new_loss:.4f}. No best.yaml was written; raise "
                      "tune.objective.forgetting_budget or search lower LRs / more replay")
     return "\n".join(lines)

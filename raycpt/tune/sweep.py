@@ -27,13 +27,27 @@ import ray.tune
 
 from raycpt import storage
 from raycpt.config import ConfigError, JobConfig, parse_job
-from raycpt.tune.config import TuneSection, sweep_fingerprint, trial_tree
 from raycpt.placement import PlacementGroupRegistry, registry_name
-from raycpt.tune.results import (RUNS_FOLDER, SWEEP_FILE, TRIALS_FILE, collect, default_values, format_summary,
-                                 sweep_uri, write_results)
+from raycpt.tune.config import TuneSection, sweep_fingerprint, trial_tree
 from raycpt.tune.resources import GIB, check_share_fits, job_training_memory, probe_gpu_memory
-from raycpt.tune.schedulers import (GatedSearcher, GatedVariantGenerator, SyncSuccessiveHalving, TrialGate,
-                                    choose_kind, rung_steps)
+from raycpt.tune.results import (
+    RUNS_FOLDER,
+    SWEEP_FILE,
+    TRIALS_FILE,
+    collect,
+    default_values,
+    format_summary,
+    sweep_uri,
+    write_results,
+)
+from raycpt.tune.schedulers import (
+    GatedSearcher,
+    GatedVariantGenerator,
+    SyncSuccessiveHalving,
+    TrialGate,
+    choose_kind,
+    rung_steps,
+)
 from raycpt.tune.trial import run_trial, trial_run_name
 
 

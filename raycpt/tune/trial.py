@@ -35,9 +35,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from raycpt import storage
 from raycpt.config import parse_job
+from raycpt.placement import RegisterPlacementGroups
 from raycpt.tune.config import ObjectiveSection, TuneSection, trial_tree
 from raycpt.tune.objective import objective_roles, score_report
-from raycpt.placement import RegisterPlacementGroups
 
 
 def trial_run_name(trial_id: str) -> str:
