@@ -122,11 +122,11 @@ def build_trainer(job: JobConfig, loop_options: dict[str, Any] | None = None, ca
     )
 
 
-def preflight(job: JobConfig, address: str | None = None) -> str:
+def preflight(job: JobConfig, address: str | None = None, reads_weights: bool = True) -> str:
     """Checks on the driver before Ray starts (raycpt/preflight.py); returns the start message."""
     from raycpt.preflight import check_job
 
-    return check_job(job, joins_cluster=bool(address or os.environ.get("RAY_ADDRESS")))
+    return check_job(job, joins_cluster=bool(address or os.environ.get("RAY_ADDRESS")), reads_weights=reads_weights)
 
 
 def train(job: JobConfig, address: str | None = None, loop_options: dict[str, Any] | None = None):
@@ -140,7 +140,8 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
     from raycpt.placement import PlacementGroupRegistry, RegisterPlacementGroups, registry_name
 
     storage.configure_storage(job.run.s3_endpoint_url)
-    print(f"raycpt: {preflight(job, address)}", flush=True)
+    reads_weights = not (loop_options or {}).get("random_weights")
+    print(f"raycpt: {preflight(job, address, reads_weights)}", flush=True)
     lo, hi = job.worker_range()
     connect_ray(min_cpus=hi * job.scaling.cpus_per_worker, address=address)
     route_ray_logs_to_run(job.run_uri)

@@ -24,9 +24,11 @@ from raycpt import storage
 from raycpt.config import JobConfig
 
 
-def check_job(job: JobConfig, joins_cluster: bool, log: Callable[[str], None] = print) -> str:
+def check_job(job: JobConfig, joins_cluster: bool, log: Callable[[str], None] = print,
+              reads_weights: bool = True) -> str:
     """Raise a RaycptError naming the key and the fix for the first kind of problem found; return
-    the start decision's message."""
+    the start decision's message. `reads_weights=False`: the run builds random weights of the
+    base's architecture (`raycpt bench train`), so the folder needs no safetensors."""
     from raycpt.checkpoint.resume import check_resume_config, decide_start
     from raycpt.data.manifest import tokenizer_identity
     from raycpt.data.stream import read_manifests
@@ -39,7 +41,7 @@ def check_job(job: JobConfig, joins_cluster: bool, log: Callable[[str], None] = 
     manifests = read_manifests(job)  # each path: exists, a folder, a complete manifest
     model_here = bool(job.model.base) and (os.path.exists(job.model.base) or not joins_cluster)
     if model_here:
-        check_model_folder(job.model.base)
+        check_model_folder(job.model.base, weights=reads_weights)
     decision = decide_start(job)
     if decision.kind == "resume":
         check_resume_config(decision.train_state.config, job)

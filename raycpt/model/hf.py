@@ -48,15 +48,18 @@ def check_base_folder(base: str, key: str = "model.base") -> None:
         raise ModelError(f"{key}: {cfg} has no model_type; it is not an HF model config")
 
 
-def check_model_folder(base: str, key: str = "model.base") -> None:
+def check_model_folder(base: str, key: str = "model.base", weights: bool = True) -> None:
     """Everything training reads from a base model folder, checked on the driver before Ray starts:
-    config, tokenizer files, and every safetensors file's header (each must open; no tensor is read)."""
+    config, tokenizer files, and (`weights`) every safetensors file's header (each must open; no
+    tensor is read)."""
     from safetensors import safe_open
 
     check_base_folder(base, key)
     if not any(os.path.exists(os.path.join(base, n)) for n in TOKENIZER_FILES):
         raise ModelError(f"{key}: {base} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the "
                          "base model's tokenizer into it (AutoTokenizer.save_pretrained)")
+    if not weights:
+        return
     files = sorted(glob.glob(os.path.join(base, "*.safetensors")))
     if not files:
         raise ModelError(f"{key}: {base} has no *.safetensors weights; save the model with "
