@@ -6,13 +6,12 @@ Optuna search, and the compute-share figure of `raycpt bench tune` on known numb
 from __future__ import annotations
 
 import itertools
-import json
-import os
 
 import pytest
 
 from conftest import tiny_job_tree
 from raycpt import storage
+from raycpt.bench.tune import startup_spans
 from raycpt.config import ConfigError
 from raycpt.tune.config import parse_sweep
 from raycpt.tune.resources import (
@@ -138,22 +137,6 @@ def _sweep(tmp_path, tiny_model, prepared_sources, name: str, **tune):
     return parse_sweep(tree, tmp_path)
 
 
-def _spans(folder: str) -> list[tuple[float, float]]:
-    """(trial start, first optimizer step) of every start of every trial."""
-    spans = []
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name)) as f:
-            events = [json.loads(line) for line in f if line.strip()]
-        start = None
-        for e in events:
-            if e["event"] == "trial_start":
-                start = e["time"]
-            elif e["event"] == "first_step" and start is not None:
-                spans.append((start, e["time"]))
-                start = None
-    return spans
-
-
 @pytest.mark.slow
 def test_sync_halving_stops_trials_that_run_one_at_a_time(tmp_path, tiny_model, prepared_sources, ray_local):
     """One trial at a time, 3 trials, a rung at step 4 keeping 1 of 3: ASHA would promote the
@@ -178,7 +161,7 @@ def test_sync_halving_stops_trials_that_run_one_at_a_time(tmp_path, tiny_model, 
     history = storage.read_json(storage.join(run_uri, "metrics", "eval.json"))
     assert [h["step"] for h in history] == [0, 4, 8]
     # Trials ran one at a time: each start (3 trials + the winner's resume) after the previous first step.
-    spans = sorted(_spans(str(tmp_path / "timelines")))
+    spans = sorted(startup_spans(str(tmp_path / "timelines")))
     assert len(spans) == 4
     assert all(later[0] > earlier[1] for earlier, later in itertools.pairwise(spans)), spans
 
@@ -195,6 +178,6 @@ def test_trials_share_the_cpus_and_overlap(tmp_path, tiny_model, prepared_source
     out = run_sweep(job, tune, loop_options={"local_stream": True, "timeline_dir": str(tmp_path / "timelines")})
     assert out["errors"] == 0 and len(out["trials"]) == 3
     assert all(t["status"] == "done" for t in out["trials"])
-    spans = _spans(str(tmp_path / "timelines"))
+    spans = startup_spans(str(tmp_path / "timelines"))
     assert len(spans) == 3
     assert max(s for s, _ in spans) < min(f for _, f in spans), f"trials did not overlap: {spans}"

@@ -144,11 +144,11 @@ def sweep_tree(o: TuneBenchOptions, base: str, code: str, english: str, side: st
     return apply_overrides(tree, list(o.overrides))
 
 
-def startup_seconds(timeline_dir: str) -> list[float]:
-    """Trial start -> first optimizer step, for every start of every trial."""
-    out: list[float] = []
+def startup_spans(timeline_dir: str) -> list[tuple[float, float]]:
+    """(trial start, first optimizer step) wall times of every start of every trial."""
+    spans: list[tuple[float, float]] = []
     if not os.path.isdir(timeline_dir):
-        return out
+        return spans
     for name in sorted(os.listdir(timeline_dir)):
         with open(os.path.join(timeline_dir, name)) as f:
             events = [json.loads(line) for line in f if line.strip()]
@@ -157,9 +157,14 @@ def startup_seconds(timeline_dir: str) -> list[float]:
             if e["event"] == "trial_start":
                 start = e["time"]
             elif e["event"] == "first_step" and start is not None:
-                out.append(e["time"] - start)
+                spans.append((start, e["time"]))
                 start = None
-    return out
+    return spans
+
+
+def startup_seconds(timeline_dir: str) -> list[float]:
+    """Trial start -> first optimizer step, for every start of every trial."""
+    return [first - start for start, first in startup_spans(timeline_dir)]
 
 
 def run_side(o: TuneBenchOptions, inputs: tuple[str, str, str], side: str, concurrent: int, log=print) -> dict:
