@@ -22,7 +22,7 @@ from raycpt import storage
 from raycpt.config import JobConfig, source_weights
 from raycpt.data.manifest import DataError, Manifest, read_manifest
 from raycpt.data.plan import BlendPlan, PlanState, SourceSpec, split_sample_id, worker_slice
-from raycpt.data.verify import check_token_rows
+from raycpt.data.verify import check_token_rows, read_shard_rows
 
 # Ray Data is asked for this many steps per dataset; a long run chains datasets.
 _STEPS_PER_DATASET = 10_000
@@ -293,13 +293,10 @@ def read_eval_rows(m: Manifest, max_rows: int) -> np.ndarray:
     for f in m.eval.files:
         if need <= 0:
             break
-        uri = m.file_uri(f)
-        fs, path = storage.pyarrow_filesystem(uri)
         try:
-            table = storage.with_retries(lambda: pq.read_table(path, filesystem=fs), f"reading {uri}")
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"{uri}: unreadable eval shard ({type(e).__name__}: {e})") from None
-        arr = table.column(0).combine_chunks().values.to_numpy().reshape(-1, m.seq_len)[:need]
+            arr = read_shard_rows(m, f, need)
+        except Exception as e:  # noqa: BLE001 - whatever the reader says, name the file
+            raise DataError(f"{m.file_uri(f)}: unreadable eval shard ({type(e).__name__}: {e})") from None
         rows.append(arr)
         need -= len(arr)
     if not rows:

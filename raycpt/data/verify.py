@@ -88,6 +88,14 @@ def check_token_rows(rows: np.ndarray, uri: str, first_row: int, vocab_size: int
                     "were damaged: re-run prepare with --tokenizer <model.base>")
 
 
+def read_shard_rows(m: Manifest, f: ShardFile, max_rows: int) -> np.ndarray:
+    """The first `max_rows` packed rows of one shard file of `m` (any reader error propagates)."""
+    uri = m.file_uri(f)
+    fs, path = storage.pyarrow_filesystem(uri)
+    table = storage.with_retries(lambda: pq.read_table(path, filesystem=fs), f"reading {uri}")
+    return table.column(0).combine_chunks().values.to_numpy().reshape(-1, m.seq_len)[:max_rows]
+
+
 def eval_row_problems(m: Manifest, key: str, vocab_size: int, max_rows: int) -> list[str]:
     """The eval rows training will use (the first `max_rows` of the eval split), read and checked
     like training rows: readable, token ids inside the vocab. A few rows per source: cheap."""
@@ -98,10 +106,8 @@ def eval_row_problems(m: Manifest, key: str, vocab_size: int, max_rows: int) -> 
         if need <= 0:
             break
         uri = m.file_uri(f)
-        fs, path = storage.pyarrow_filesystem(uri)
         try:
-            table = storage.with_retries(lambda: pq.read_table(path, filesystem=fs), f"reading {uri}")
-            rows = table.column(0).combine_chunks().values.to_numpy().reshape(-1, m.seq_len)[:need]
+            rows = read_shard_rows(m, f, need)
             check_token_rows(rows, uri, 0, vocab_size, key)
         except DataError as e:
             problems.append(str(e))
