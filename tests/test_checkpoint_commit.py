@@ -94,3 +94,67 @@ def test_a_train_state_of_a_newer_format_is_refused_with_the_fix(tmp_path):
     assert read_train_state.__module__ == "raycpt.checkpoint.state"
     storage.write_json(storage.join(uri, "train_state.json"), state_at(2).to_json())
     assert read_train_state(uri) == state_at(2)
+
+
+def _load_with_a_peer_that_dies(rank: int, port: int, ckpt: str, results) -> None:
+    """Rank 1 exits as SIGKILL would leave it; rank 0's DCP load meets the lost peer."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from raycpt.checkpoint.integrity import load_or_name_the_checkpoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
+    if rank == 1:
+        os._exit(9)
+    state = {"w": torch.zeros(4)}
+    try:
+        load_or_name_the_checkpoint(lambda: dcp.load(state, checkpoint_id=ckpt), ckpt)
+        results.put(("loaded", ""))
+    except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException, a BaseException
+        results.put((type(e).__name__, str(e)[:300]))
+    results.close()
+    results.join_thread()  # the queue's feeder thread must send before the process ends
+    os._exit(0)
+
+
+def test_a_load_cut_short_by_a_dead_peer_is_retried_not_called_damage(tmp_path):
+    """Workers SIGKILLed while the group loads a resume checkpoint: the survivors' error must stay
+    retryable (a CheckpointError would end the run over an intact checkpoint)."""
+    import socket
+
+    import torch.distributed.checkpoint as dcp
+    import torch.multiprocessing as mp
+
+    ckpt = str(tmp_path / "step")
+    dcp.save({"w": torch.arange(4.0)}, checkpoint_id=ckpt, no_dist=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_load_with_a_peer_that_dies, args=(r, port, ckpt, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    kind, message = results.get(timeout=120)
+    for p in procs:
+        p.join(timeout=30)
+    assert kind not in ("CheckpointError", "loaded"), (kind, message)
+
+
+def test_a_load_that_fails_on_the_files_names_the_checkpoint(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from raycpt.checkpoint.integrity import load_or_name_the_checkpoint
+    from raycpt.checkpoint.metadata import CheckpointError
+
+    ckpt = tmp_path / "step"
+    dcp.save({"w": torch.arange(4.0)}, checkpoint_id=str(ckpt), no_dist=True)
+    for shard in ckpt.glob("*.distcp"):
+        shard.write_bytes(b"\0" * shard.stat().st_size)
+    with pytest.raises(CheckpointError, match=str(ckpt)):
+        load_or_name_the_checkpoint(lambda: dcp.load({"w": torch.zeros(4)}, checkpoint_id=str(ckpt), no_dist=True),
+                                    str(ckpt))

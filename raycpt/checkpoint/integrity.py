@@ -91,20 +91,62 @@ def newest_loadable(run_uri: str, log: Callable[[str], None] = print) -> tuple[C
                           + "\nrestore the files, or start over under another run.name")
 
 
+# What a rank sees when a peer of its process group died or hung mid-collective: gloo's transport
+# errors arrive as plain RuntimeErrors, NCCL's as torch.distributed.DistError.
+_PEER_LOST = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "Broken pipe",
+              "NCCL communicator was aborted", "Socket Timeout", "timed out")
+
+
+def failure_causes(e: BaseException) -> list[BaseException]:
+    """The error, its chain, and the per-rank errors a DCP CheckpointException carries."""
+    seen: list[BaseException] = []
+    stack = [e]
+    while stack:
+        err = stack.pop()
+        if err is None or any(err is s for s in seen):
+            continue
+        seen.append(err)
+        stack += [err.__cause__, err.__context__]
+        for failure in (getattr(err, "failures", None) or {}).values():  # DCP: {rank: (error, traceback)}
+            stack.append(failure[0] if isinstance(failure, tuple) else failure)
+    return [s for s in seen if isinstance(s, BaseException)]
+
+
+def is_peer_or_storage_loss(e: BaseException) -> bool:
+    """A load that failed because a peer rank died or storage did not answer: the files may be
+    fine, and the next attempt of the worker group loads them again."""
+    import torch.distributed as dist
+
+    for cause in failure_causes(e):
+        if isinstance(cause, (dist.DistError, ConnectionError, TimeoutError)):
+            return True
+        if any(marker in str(cause) for marker in _PEER_LOST):
+            return True
+    return False
+
+
 def load_or_name_the_checkpoint(load: Callable[[], Any], checkpoint_uri: str) -> Any:
-    """Run a DCP load; a failure becomes a CheckpointError naming the checkpoint (DCP's own error
-    says only which rank failed, often inside a wrapper that hides the file)."""
+    """Run a DCP load; a failure from the files becomes a CheckpointError naming the checkpoint
+    (DCP's own error says only which rank failed, often inside a wrapper that hides the file). A
+    failure from a lost peer or storage is raised as it is: Ray Train retries those, and a
+    CheckpointError would end the run over a checkpoint that is intact."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     try:
         return load()
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 - whatever DCP raised, name the folder and keep its reason
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - whatever DCP raised: name the folder, keep the reason
         from raycpt.errors import find_raycpt_error
 
         inner = find_raycpt_error(e)
         if inner is not None:
             raise inner from None
+        if is_peer_or_storage_loss(e):
+            raise
+        problems = shard_problems(checkpoint_uri)
         reason = " ".join(str(e).split())[:300]
+        found = f" ({'; '.join(problems)})" if problems else ""
         raise CheckpointError(f"checkpoint {checkpoint_uri} could not be loaded ({type(e).__name__}: {reason}); "
-                              "its files were damaged after it committed: restore them, or remove its "
+                              f"its files were damaged after it committed{found}: restore them, or remove its "
                               "COMMITTED marker to resume from the previous checkpoint") from None
