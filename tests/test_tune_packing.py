@@ -181,3 +181,30 @@ def test_trials_share_the_cpus_and_overlap(tmp_path, tiny_model, prepared_source
     spans = startup_spans(str(tmp_path / "timelines"))
     assert len(spans) == 3
     assert max(s for s, _ in spans) < min(f for _, f in spans), f"trials did not overlap: {spans}"
+
+
+def test_a_trial_waits_at_a_rung_until_the_sweep_allows_it_on(tmp_path):
+    """The workers' side of the rung wait: nothing past a rung without an allowance above it."""
+    import threading
+    import time
+
+    from raycpt.train.rung_wait import RungWait, may_pass, write_allowance
+
+    uri = str(tmp_path / "allow" / "t1.json")
+    wait = RungWait(rungs=(4, 12), allowance_uri=uri, poll_s=0.05)
+    committed, said = [], []
+    wait.hold(3, 0, lambda: committed.append(3), lambda flag: flag, said.append)  # not a rung
+    assert committed == [] and said == []
+    assert not may_pass(uri, 4)
+    write_allowance(uri, 4)  # "stop at 4": waiting there goes on
+    assert not may_pass(uri, 4) and may_pass(uri, 3)
+    timer = threading.Timer(0.5, write_allowance, (uri, 12))
+    t0 = time.time()
+    timer.start()
+    wait.hold(4, 0, lambda: committed.append(4), lambda flag: flag, said.append)
+    assert committed == [4] and time.time() - t0 >= 0.5 and "train on after" in said[-1]
+    write_allowance(uri, None)  # past the last rung: to the budget
+    assert may_pass(uri, 12) and may_pass(uri, 10_000)
+    late = RungWait(rungs=(20,), allowance_uri=str(tmp_path / "never.json"), poll_s=0.05, max_wait_s=0.2)
+    late.hold(20, 0, lambda: None, lambda flag: flag, said.append)
+    assert "no verdict" in said[-1]

@@ -47,7 +47,7 @@ class LoopHooks:
     def from_options(cls, options: dict[str, Any]) -> "LoopHooks":
         """The hooks among a `train_loop_config` (its other keys, e.g. `job`, are not hooks)."""
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names - {"job"})
+        unknown = sorted(set(options) - names - {"job", "rung_wait"})  # rung_wait: raycpt/train/rung_wait.py
         if unknown:  # a misspelt hook would silently do nothing, and its test pass for the wrong reason
             raise ValueError(f"loop options: unknown {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names and v}

@@ -36,6 +36,7 @@ from raycpt.train.hooks import LoopHooks
 from raycpt.train.logbook import MetricsLog
 from raycpt.train.metrics import MetricWindow, device_peak_flops, eval_line, flops_per_token, progress_line
 from raycpt.train.optim import build_optimizer, set_lr
+from raycpt.train.rung_wait import RungWait
 from raycpt.train.samples import SampleLog
 from raycpt.train.schedule import lr_at
 from raycpt.train.signals import StopFlag
@@ -46,6 +47,7 @@ from raycpt.train.worker import Worker, start_worker
 def run_worker(config: dict[str, Any]) -> None:
     """Ray Train `train_loop_per_worker`."""
     job, hooks = parse_job(config["job"]), LoopHooks.from_options(config)
+    rung_wait = RungWait.from_options(config)  # sweep trials under synchronous halving; else None
     storage.configure_storage(job.run.s3_endpoint_url)
     w = start_worker(hooks)
     decision = decide_start(job)
@@ -141,6 +143,8 @@ def run_worker(config: dict[str, Any]) -> None:
             if stop_now:
                 stop.set("another worker's stop request")
             save(stop.reason or ("final" if step == job.train.max_steps else "interval"))
+        if rung_wait is not None:
+            rung_wait.hold(step, w.rank, lambda: records.report(commit_now(checkpointer)), w.agree, w.say)
         if stop_now:
             checkpointer.wait()
             records.report(checkpointer.last_committed_step)
@@ -158,6 +162,12 @@ def run_worker(config: dict[str, Any]) -> None:
     records.report(checkpointer.last_committed_step)
     mlog.close()
     w.say(f"done at step {step}; tokens per source: {json.dumps(stream.tokens_per_source())}")
+
+
+def commit_now(checkpointer: Checkpointer) -> int | None:
+    """Wait for the in-flight save to commit; the step of the newest committed checkpoint."""
+    checkpointer.wait()
+    return checkpointer.last_committed_step
 
 
 # ---- Setup, in the order run_worker calls it ------------------------------------------------------

@@ -29,6 +29,7 @@ from raycpt.tune.objective import objective_roles, pareto_front, score_record
 SWEEP_FILE = "sweep.json"
 TRIALS_FILE = "trials.json"
 RUNS_FOLDER = "runs"
+ALLOWANCES_FOLDER = "rung-allowances"  # how far each trial may train (raycpt/train/rung_wait.py)
 
 
 @dataclass

@@ -8,10 +8,11 @@ promoted: one H200, one trial at a time, 6 trials of 300 steps, grace 50, factor
 
 `SyncSuccessiveHalving` waits instead: a trial that reaches a rung is judged only when every
 trial of the sweep has reached it (or ended); then the best ceil(n / reduction_factor) go on and
-the rest stop. While it waits, a trial gives its slot to a trial that needs one (Tune pauses
-it; it resumes from its own committed checkpoint at the rung, see raycpt/tune/trial.py) and
-trains on past the rung when nobody waits (a pause costs a start-up; going on costs only the
-steps of a trial that is then stopped). This is one bracket of HyperBand (Li et al. 2018); Ray
+the rest stop. At a rung the trial's workers stop and wait (raycpt/train/rung_wait.py): a trial
+that must wait for its verdict gives its slot to a trial that needs one (Tune pauses it; it
+resumes from its own committed checkpoint at the rung, see raycpt/tune/trial.py), and is allowed
+on to the next rung when nobody waits (a pause costs a start-up; going on costs only the steps
+of a trial that is then stopped). This is one bracket of HyperBand (Li et al. 2018); Ray
 Tune's `HyperBandScheduler` sizes its brackets from max_t alone (81 trials for max_t 81, factor
 3) and fills them least-aggressive first, so a sweep of 8 trials would run them all to the end.
 
@@ -32,6 +33,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from raycpt.train.rung_wait import allowance_uri, write_allowance
 
 
 def say(msg: str) -> None:
@@ -126,7 +129,8 @@ class SyncSuccessiveHalving(FIFOScheduler):
 
     def __init__(self, rungs: list[int], reduction_factor: float, gate: TrialGate, time_attr: str = "step",
                  metric: str | None = None, mode: str | None = None,
-                 on_pause: Callable[[Trial], None] | None = None, log: Callable[[str], None] | None = None):
+                 on_pause: Callable[[Trial], None] | None = None, log: Callable[[str], None] | None = None,
+                 allowances_uri: str | None = None):
         super().__init__()
         self.rungs = list(rungs)
         self.reduction_factor = reduction_factor
@@ -143,6 +147,8 @@ class SyncSuccessiveHalving(FIFOScheduler):
         self.trials: dict[str, Trial] = {}
         self.num_stopped = 0
         self.log = log or say  # module-level: Tune pickles the scheduler with the experiment
+        self.allowances_uri = allowances_uri                  # where trials read how far they may train
+        self.allowed: dict[str, int | None] = {}              # trial id -> the allowance last written
         self._deciding = False
 
     # -- Tune's scheduler interface -------------------------------------------------------------
@@ -168,16 +174,17 @@ class SyncSuccessiveHalving(FIFOScheduler):
         self.last[tid] = (float(result[self.time_attr]), loss)
         lvl = self.level.get(tid, 0)
         if lvl >= len(self.rungs) or self.last[tid][0] < self.rungs[lvl]:
+            self._allow(tid)
             return TrialScheduler.CONTINUE
         self.scores[lvl].setdefault(tid, loss)  # judged on its first result at or past the rung
         stopped = self._decide(tune_controller, current=tid)
         if tid in stopped:
             return TrialScheduler.STOP
-        if self.level[tid] > lvl:
-            return TrialScheduler.CONTINUE
-        if self._slot_wanted(tune_controller):
+        if self.level[tid] == lvl and self._slot_wanted(tune_controller):
             self.paused_unreleased.add(tid)  # on_pause once its actor has stopped (choose_trial_to_run)
             return TrialScheduler.PAUSE
+        # Promoted, or no other trial needs the slot: on to the next rung (where it waits again).
+        self._allow(tid)
         return TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
@@ -260,6 +267,7 @@ class SyncSuccessiveHalving(FIFOScheduler):
                     stopped.append(tid)
                 for tid in ranked[:keep]:
                     self.level[tid] = lvl + 1
+                    self._allow(tid)
                     if self.trials[tid].status == Trial.PAUSED:
                         self.to_resume.append(tid)
                     t, loss = self.last[tid]
@@ -275,6 +283,18 @@ class SyncSuccessiveHalving(FIFOScheduler):
             if tid != current:
                 tune_controller.stop_trial(self.trials[tid])
         return set(stopped)
+
+    def _allow(self, tid: str) -> None:
+        """Let a trial train up to the next rung after its latest result (to its budget past the
+        last rung): the workers, waiting at a rung, read this within a poll."""
+        if self.allowances_uri is None or tid not in self.last:
+            return
+        step = self.last[tid][0]
+        train_to = next((r for r in self.rungs if r > step), None)
+        if tid in self.allowed and (self.allowed[tid] is None or self.allowed[tid] == train_to):
+            return
+        write_allowance(allowance_uri(self.allowances_uri, tid), train_to)
+        self.allowed[tid] = train_to
 
     def _remove(self, tune_controller, trial: Trial) -> None:
         self.gate.controller = tune_controller

@@ -31,6 +31,7 @@ from raycpt.placement import PlacementGroupRegistry, registry_name
 from raycpt.tune.config import TuneSection, sweep_fingerprint, trial_tree
 from raycpt.tune.resources import GIB, check_share_fits, job_training_memory, probe_gpu_memory
 from raycpt.tune.results import (
+    ALLOWANCES_FOLDER,
     RUNS_FOLDER,
     SWEEP_FILE,
     TRIALS_FILE,
@@ -137,7 +138,7 @@ def pause_rungs(tune: TuneSection, job: JobConfig) -> list[int]:
     return rung_steps(s.grace_period_steps or every, s.reduction_factor, budget, every)
 
 
-def build_scheduler(kind: str, tune: TuneSection, job: JobConfig, gate: TrialGate, on_pause):
+def build_scheduler(kind: str, tune: TuneSection, job: JobConfig, gate: TrialGate, on_pause, allowances_uri: str):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     s = tune.scheduler
@@ -145,7 +146,7 @@ def build_scheduler(kind: str, tune: TuneSection, job: JobConfig, gate: TrialGat
     grace = s.grace_period_steps or job.eval.interval_steps or budget
     if kind == "hyperband":
         return SyncSuccessiveHalving(pause_rungs(tune, job), s.reduction_factor, gate, time_attr="step",
-                                     on_pause=on_pause)
+                                     on_pause=on_pause, allowances_uri=allowances_uri)
     if kind == "asha":
         # time_attr "step": rungs are optimizer steps, whatever the evaluation interval.
         return ASHAScheduler(time_attr="step", max_t=budget, grace_period=grace, reduction_factor=s.reduction_factor)
@@ -246,7 +247,8 @@ def run_sweep(job: JobConfig, tune: TuneSection, address: str | None = None,
                        tune.scheduler.async_min_concurrent_trials)
     spec = {"job": job.model_dump(mode="json"), "tune": tune.model_dump(mode="json"), "runs_uri": runs_uri,
             "loop_options": loop_options or {}, "registry": registry,
-            "pause_rungs": pause_rungs(tune, job) if kind == "hyperband" else []}
+            "pause_rungs": pause_rungs(tune, job) if kind == "hyperband" else [],
+            "allowances_uri": storage.join(uri, ALLOWANCES_FOLDER)}
     state_callback = SweepStateCallback(uri, registry)
     gate = TrialGate(concurrent) if kind == "hyperband" else None
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec),
@@ -273,7 +275,8 @@ def run_sweep(job: JobConfig, tune: TuneSection, address: str | None = None,
             param_space=_search_space(tune),
             tune_config=ray.tune.TuneConfig(
                 metric="objective", mode="min",
-                scheduler=build_scheduler(kind, tune, job, gate, on_pause=state_callback.release),
+                scheduler=build_scheduler(kind, tune, job, gate, on_pause=state_callback.release,
+                                          allowances_uri=spec["allowances_uri"]),
                 search_alg=build_search_alg(tune, first, concurrent, gate),
                 # The baseline point takes one sample (with grid keys: one repetition of the grid).
                 num_samples=tune.num_samples + len(first),

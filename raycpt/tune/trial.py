@@ -14,9 +14,10 @@ checkpoint by raycpt's ordinary start decision. All trials read the same prepare
 
 Under synchronous successive halving (raycpt/tune/schedulers.py) Tune pauses a trial at a rung
 by ending it, and starts it again once it is promoted. So that nothing is trained twice, every
-rung is a checkpoint step of the trial (`trial_checkpoint_interval`), and the trial's result at a
-rung reaches Tune only once that step's checkpoint is committed (an async save commits at the
-first step boundary after it is durable, so the trial trains on a few steps at most).
+rung is a checkpoint step of the trial (`trial_checkpoint_interval`), the trial's result at a
+rung reaches Tune only once that step's checkpoint is committed, and the workers wait at the rung
+until the scheduler lets them train on (raycpt/train/rung_wait.py): a paused trial trained
+nothing past its rung.
 
 Start-up: with the loop option `timeline_dir`, each start of a trial appends its phases to
 <timeline_dir>/<trial id>.jsonl (trial_start here, then the worker loop's worker_start,
@@ -36,6 +37,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from raycpt import storage
 from raycpt.config import parse_job
 from raycpt.placement import RegisterPlacementGroups
+from raycpt.train.rung_wait import allowance_uri
 from raycpt.tune.config import ObjectiveSection, TuneSection, trial_tree
 from raycpt.tune.objective import objective_roles, score_report
 
@@ -106,6 +108,8 @@ def run_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     job = parse_job(tree)
     storage.configure_storage(job.run.s3_endpoint_url)
     loop_options = dict(spec.get("loop_options") or {})
+    if rungs:  # the workers wait at each rung for the scheduler's verdict (raycpt/train/rung_wait.py)
+        loop_options["rung_wait"] = {"rungs": rungs, "allowance_uri": allowance_uri(spec["allowances_uri"], trial_id)}
     timeline = mark_trial_start(loop_options.pop("timeline_dir", None), trial_id)
     if timeline:
         loop_options["timeline_file"] = timeline
