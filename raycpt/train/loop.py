@@ -124,8 +124,8 @@ def run_worker(config: dict[str, Any]) -> None:
             w.say(progress_line(metrics))
             mlog.train(metrics)
             hooks.write_metrics(w.rank, metrics, step_times, w.attempt)
-            if w.ray_train is not None:
-                w.ray_train.report({k: v for k, v in metrics.items() if v is not None})
+            # Not to Ray Train: each of its reports is a barrier of all ranks, and it takes one per
+            # 2-s poll of the workers, so a report every step held the loop to 2 s a step.
 
         if (job.eval.interval_steps and step % job.eval.interval_steps == 0) or step == job.train.max_steps:
             evaluate()

@@ -142,6 +142,7 @@ class SyncSuccessiveHalving(FIFOScheduler):
         self.scores: list[dict[str, float]] = [{} for _ in self.rungs]  # rung -> trial id -> loss (lower better)
         self.last: dict[str, tuple[float, float]] = {}        # trial id -> (time, loss) of its latest result
         self.out: set[str] = set()                            # stopped, finished or failed
+        self.stopped_by_rule: set[str] = set()                # stopped here at a rung
         self.to_resume: list[str] = []                        # promoted while paused, in order
         self.paused_unreleased: set[str] = set()              # paused; on_pause not yet called
         self.trials: dict[str, Trial] = {}
@@ -260,23 +261,31 @@ class SyncSuccessiveHalving(FIFOScheduler):
                     break
                 if any(v < lvl and t not in self.out for t, v in self.level.items()):
                     break
-                ranked = sorted(at_level, key=lambda t: self.scores[lvl][t])
+                # A trial that trained on past the rung (nobody needed its slot) and has finished
+                # still takes its place in the ranking: the rung keeps 1/factor of all its trials.
+                finished = [t for t, v in self.level.items() if v == lvl and t in self.out and t in self.scores[lvl]
+                            and self.trials[t].status == Trial.TERMINATED and t not in self.stopped_by_rule]
+                ranked = sorted(at_level + finished, key=lambda t: self.scores[lvl][t])
                 keep = max(1, math.ceil(len(ranked) / self.reduction_factor))
-                for tid in ranked[keep:]:
+                dropped = [t for t in ranked[keep:] if t in at_level]
+                for tid in dropped:
                     self.out.add(tid)
+                    self.stopped_by_rule.add(tid)
                     stopped.append(tid)
                 for tid in ranked[:keep]:
                     self.level[tid] = lvl + 1
-                    self._allow(tid)
-                    if self.trials[tid].status == Trial.PAUSED:
-                        self.to_resume.append(tid)
                     t, loss = self.last[tid]
                     if lvl + 1 < len(self.rungs) and t >= self.rungs[lvl + 1]:
                         self.scores[lvl + 1].setdefault(tid, loss)  # it trained on while it waited
-                self.num_stopped += len(ranked) - keep
+                    if tid in finished:
+                        continue
+                    self._allow(tid)
+                    if self.trials[tid].status == Trial.PAUSED:
+                        self.to_resume.append(tid)
+                self.num_stopped += len(dropped)
                 if self.log is not None:
                     self.log(f"raycpt tune: rung at step {self.rungs[lvl]}: {keep} of {len(ranked)} trials go on "
-                             f"({', '.join(ranked[:keep])}); stopping {', '.join(ranked[keep:]) or 'none'}")
+                             f"({', '.join(ranked[:keep])}); stopping {', '.join(dropped) or 'none'}")
         finally:
             self._deciding = False
         for tid in stopped:
