@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from raycpt.errors import RaycptError, UsageError
+from raycpt.errors import RaycptError, UsageError, user_message
 
 VERBOSE_HELP = ("show Ray's own log lines (per-report, placement-group, core-worker lines) on the terminal; "
                 "by default they go to the run's logs/driver.log or the Ray session's logs folder")
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             err = e  # a path given on the command line or in a job that is not there
         if err is None or args.debug:
             raise
-        print(f"raycpt {args.cmd}: {err}", file=sys.stderr)
+        print(f"raycpt {args.cmd}: {user_message(err) if isinstance(err, RaycptError) else err}", file=sys.stderr)
         return 2
 
 

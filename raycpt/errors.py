@@ -8,6 +8,13 @@ again). Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+
+# Ray Data appends its retry account to a failed task's error message (ray/data/_internal/util.py,
+# "Failed to ... after 1/1 attempts ... if you believe this to be transient."): about Ray's retry
+# knobs, not the user's problem, and raycpt's message already says the fix.
+_RAY_DATA_RETRY_NOTE = re.compile(r"\nFailed to [^\n]* after \d+/\d+ attempts \(total backoff [^\n]*\)\..*\Z", re.S)
+
 
 class RaycptError(Exception):
     """An error whose message tells the user what is wrong, which key or file, and the fix."""
@@ -15,6 +22,11 @@ class RaycptError(Exception):
     # Raised in a worker, a restart would meet it again: the run ends at once (see
     # raycpt/train/not_retried.py). True for errors that can pass (storage unreachable for a while).
     retry_in_workers = False
+
+
+def user_message(err: RaycptError) -> str:
+    """The error's message as the user reads it: raycpt's text without what Ray added on the way."""
+    return _RAY_DATA_RETRY_NOTE.sub("", str(err))
 
 
 class UsageError(RaycptError, ValueError):

@@ -14,7 +14,8 @@ instead: <run>/logs/driver.log for a run in a local folder, else
 <Ray session>/logs/raycpt-driver.log (e.g. /tmp/ray/session_latest/logs/ on the driver's node).
 On the terminal stay:
   - every worker stdout line (raycpt's `[raycpt]` lines, the user's own prints);
-  - worker stderr lines that are raycpt's own (`raycpt:` warnings) or Python ERROR records;
+  - worker stderr lines that are raycpt's own (`raycpt:` warnings) or Python ERROR records (not
+    the traceback lines after them, which go to the file);
   - on the driver itself, Ray's loggers at WARNING and above (INFO goes to the file).
 `raycpt --verbose ...` (or RAYCPT_VERBOSE=1, inherited by subprocesses) keeps Ray's default:
 everything on the terminal, as before.
@@ -55,10 +56,12 @@ def set_verbose(on: bool) -> None:
 
 
 def shown_on_terminal(line: str, is_err: bool) -> bool:
-    """The quiet default's rule for one forwarded worker line."""
+    """The quiet default's rule for one forwarded worker line. On stderr only raycpt's own
+    warnings ("raycpt: ...") and ERROR records: the lines of a worker's traceback (which name
+    raycpt's files and errors too) go to the log file, and the driver ends with raycpt's paragraph."""
     if not is_err:
         return True
-    return "raycpt" in line or bool(_PY_ERROR.match(line))
+    return "raycpt:" in line or bool(_PY_ERROR.match(line))
 
 
 class _Router:

@@ -23,7 +23,9 @@ def test_the_terminal_rule_keeps_raycpt_lines_and_errors_only():
     for noise in ("Reporting training result 1: TrainingReport(checkpoint=None, metrics={}) from rank 0",
                   "[2026-12-01 10:00:00,000 W 123 456] core_worker.cc:2431: Actor restarted",
                   "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.",
-                  "Running Dataset: dataset_3_0. Active & requested resources: 1/4 CPU"):
+                  "Running Dataset: dataset_3_0. Active & requested resources: 1/4 CPU",
+                  '  File "/work/raycpt/data/stream.py", line 145, in load',  # a worker's traceback
+                  "raycpt.data.manifest.DataError: /data/train/part-00001.parquet: row group 0 unreadable"):
         assert not shown_on_terminal(noise, is_err=True), noise
 
 
