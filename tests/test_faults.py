@@ -132,7 +132,7 @@ def test_workers_sigkilled_at_random_moments_end_like_the_straight_run(straight_
 
 
 def test_a_worker_killed_during_a_save_never_loads_the_torn_checkpoint(straight_run, tmp_path, tiny_model,
-                                                                       prepared_sources, ray_local):
+                                                                       prepared_sources, ray_local, capfd):
     _, straight_uri = straight_run
     tree, run_uri = job_like_the_straight_run(tmp_path, tiny_model, prepared_sources, "torn", max_failures=2)
     flag = tmp_path / "kill-once"
@@ -145,6 +145,9 @@ def test_a_worker_killed_during_a_save_never_loads_the_torn_checkpoint(straight_
     assert [(s["kind"], s["step"]) for s in record] == [("fresh_base", 0), ("resume", 2)], record
     assert all(e.committed for e in list_checkpoints(run_uri))
     assert_ends_like_the_straight_run(run_uri, straight_uri, tmp_path)
+    # A correct resume reads as one: no traceback of Ray's (the PlacementGroupCleaner's) on the terminal.
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, (out + err)[-3000:]
 
 
 def test_a_worker_lost_between_a_saves_durability_and_the_next_save_resumes_from_that_save(
