@@ -16,7 +16,8 @@ On the terminal stay:
   - every worker stdout line (raycpt's `[raycpt]` lines, the user's own prints);
   - worker stderr lines that are raycpt's own (`raycpt:` warnings) or Python ERROR records (not
     the traceback lines after them, which go to the file);
-  - on the driver itself, Ray's loggers at WARNING and above (INFO goes to the file).
+  - on the driver itself, Ray's loggers at WARNING and above (INFO goes to the file), less the
+    "Unhandled error" of each trial a sweep stopped (a Ray Train traceback that says nothing new).
 `raycpt --verbose ...` (or RAYCPT_VERBOSE=1, inherited by subprocesses) keeps Ray's default:
 everything on the terminal, as before.
 
@@ -143,6 +144,20 @@ def route_ray_output(path: str | None = None) -> str | None:
     return path
 
 
+class _StoppedTrialErrors(logging.Filter):
+    """Keeps off the terminal Ray's "Unhandled error" record for a Tune trial's function task
+    (`ImplicitFunc.train()`). Tune reads every result and error of a trial it runs; a task error
+    nobody read is that of a trial the sweep stopped (its workers were taken down with it), and
+    it prints a Ray Train ControllerError traceback per stopped trial. The file keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Unhandled error") and "ImplicitFunc.train()" in message)
+
+
+_STOPPED_TRIAL_ERRORS = _StoppedTrialErrors()
+
+
 def _route_driver_loggers(path: str) -> None:
     """Ray's loggers in the driver process: INFO to the file, WARNING and up stay on the terminal."""
     global _file_handler
@@ -158,6 +173,8 @@ def _route_driver_loggers(path: str) -> None:
         for h in logger.handlers:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 h.setLevel(max(h.level, logging.WARNING))
+                if _STOPPED_TRIAL_ERRORS not in h.filters:
+                    h.addFilter(_STOPPED_TRIAL_ERRORS)
         if name == "ray" or not logger.propagate:  # a propagating child reaches "ray"'s file handler
             logger.addHandler(handler)
     if _file_handler is not None:

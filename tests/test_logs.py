@@ -34,6 +34,28 @@ def test_verbose_leaves_rays_output_alone(monkeypatch):
     assert route_ray_output("/nonexistent/driver.log") is None
 
 
+def test_a_stopped_trials_unhandled_error_goes_to_the_file_only(tmp_path, ray_local, monkeypatch):
+    import logging
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    path = route_ray_output(str(tmp_path / "driver.log"))
+    stopped = ("Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED_ERRORS=1'): ray::ImplicitFunc.train() "
+               "(pid=15140, ip=127.0.0.1, repr=run_trial)\nray.train.ControllerError: Training failed")
+    other = "Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED_ERRORS=1'): ray::read_shard() failed"
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("ray._private.worker", logging.ERROR, __file__, 1, message, None, None)
+
+    terminals = [h for h in logging.getLogger("ray").handlers
+                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    assert terminals
+    for h in terminals:
+        assert not h.filter(record(stopped))
+        assert h.filter(record(other))  # any other task's error stays in sight
+    logging.getLogger("ray._private.worker").error(stopped)
+    assert "ImplicitFunc.train()" in open(path).read()
+
+
 @pytest.mark.slow
 def test_train_terminal_is_quiet_and_rays_lines_are_in_the_run_log(tmp_path, tiny_model, prepared_sources, ray_local):
     tree = tiny_job_tree(str(tmp_path / "runs"), tiny_model, prepared_sources, run={"name": "quiet"},

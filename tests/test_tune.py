@@ -55,8 +55,8 @@ def test_objective_on_known_numbers():
     # The same numbers as the worker loop reports them to Ray.
     report = {"step": 4, "eval/loss/code": 2.0, "eval/loss/english": 3.2, "eval/loss/wiki": 3.0,
               "eval/forgetting/english": 0.2, "eval/forgetting/wiki": -0.02}
-    assert score_report(report, ROLES, cfg).objective == pytest.approx(3.5)
-    assert score_report({"step": 3, "loss": 2.0}, ROLES, cfg) is None  # a progress report: not scored
+    assert score_report(report, ROLES, cfg, max_steps=4).objective == pytest.approx(3.5)
+    assert score_report({"step": 3, "loss": 2.0}, ROLES, cfg, max_steps=4) is None  # a progress report: not scored
 
     with pytest.raises(ValueError, match="role: new"):
         score({"english": 3.0}, base, ROLES, cfg)
@@ -313,9 +313,9 @@ def test_budget_objective_ranks_every_trial_within_the_budget_first():
                 ObjectiveSection(forgetting_tolerance=0.05, forgetting_penalty=10.0))
     assert pen.objective == pytest.approx(2.0 + 10 * 0.15) and pen.within_budget is None
     # As the loop reports them (probe losses under eval/probe_loss/).
-    report = {"eval/loss/code": 2.4, "eval/loss/english": 2.97, "eval/forgetting/english": -0.03,
+    report = {"step": 10, "eval/loss/code": 2.4, "eval/loss/english": 2.97, "eval/forgetting/english": -0.03,
               "eval/probe_loss/wiki": 3.06, "eval/probe_forgetting/wiki": 0.06}
-    assert score_report(report, ROLES_P, cfg).as_metrics() == pytest.approx(within.as_metrics())
+    assert score_report(report, ROLES_P, cfg, max_steps=10).as_metrics() == pytest.approx(within.as_metrics())
     assert within.as_metrics()["within_budget"] == 1.0 and "forgetting/wiki" in within.as_metrics()
     with pytest.raises(ConfigError, match=r"tune.objective.over: \['probes'\] names no set this job evaluates"):
         parse_sweep({**_tree(Path("/tmp")), "tune": {"space": {"optim.peak_lr": {"choice": [1e-3]}},
@@ -354,6 +354,57 @@ def _fake_sweep(root, budget: float) -> str:
                            [BASE0, {"step": step, "loss": {"code": new, "english": en}, "probe_loss": {"wiki": wiki}}])
     storage.write_json(f"{uri}/trials.json", {"trials": entries})
     return uri
+
+
+# Measured on one H200 (SmolLM2-135M, 300 steps; `raycpt bench tune --sides full`, docs/deploying.md):
+# peak LR / replay -> (german loss, worst relative forgetting of the probes and replay) at steps 25, 100, 300.
+H200_GRID = {
+    "1e-4/0": [(2.195, -0.018), (1.880, 0.005), (1.690, 0.028)],
+    "1e-4/.1": [(2.204, -0.025), (1.891, 0.001), (1.696, 0.031)],
+    "1e-4/.3": [(2.224, -0.024), (1.904, 0.004), (1.756, 0.018)],
+    "3e-4/0": [(2.019, 0.020), (1.790, 0.076), (1.544, 0.114)],
+    "3e-4/.1": [(2.024, 0.012), (1.793, 0.075), (1.555, 0.120)],
+    "3e-4/.3": [(2.045, 0.030), (1.808, 0.078), (1.630, 0.104)],
+    "9e-4/0": [(1.987, 0.149), (1.783, 0.423), (1.462, 0.450)],
+    "9e-4/.1": [(1.986, 0.148), (1.798, 0.339), (1.468, 0.415)],
+    "9e-4/.3": [(2.008, 0.177), (1.804, 0.288), (1.553, 0.367)],
+}
+
+
+def test_a_rung_keeps_the_trials_on_course_for_the_budget():
+    """At step 25 of 300 the 3e-4 trials had forgotten 1-3% (within a 5% budget) and learnt
+    faster than the 1e-4 ones, which alone end within it. Held to the whole budget, the rung kept
+    the three 3e-4 trials and the sweep ended with no trial within the budget (the H200 run);
+    pro rata (5% x 25/300) it keeps the 1e-4 trials, and step 100 promotes the full run's winner."""
+    roles = {"german": "new", "probe": "probe"}
+    base = {"german": 2.927, "probe": 2.177}
+
+    def ranked(step: int, at: int, cfg: ObjectiveSection) -> list[str]:
+        objective = {}
+        for name, points in H200_GRID.items():
+            loss, forgot = points[at]
+            objective[name] = score({"german": loss, "probe": base["probe"] * (1 + forgot)}, base, roles, cfg,
+                                    progress=step / 300).objective
+        return sorted(objective, key=objective.get)
+
+    pro_rata = ObjectiveSection(forgetting_budget=0.05, relative=True)
+    assert pro_rata.early_budget == "pro_rata"
+    whole = pro_rata.model_copy(update={"early_budget": "full"})
+    assert set(ranked(25, 0, whole)[:3]) == {"3e-4/0", "3e-4/.1", "3e-4/.3"}
+    assert set(ranked(25, 0, pro_rata)[:3]) == {"1e-4/0", "1e-4/.1", "1e-4/.3"}
+    assert ranked(100, 1, pro_rata)[0] == "1e-4/0"
+    assert ranked(300, 2, pro_rata)[0] == ranked(300, 2, whole)[0] == "1e-4/0"  # the last step: the whole budget
+    # Every trial that ends within the budget was within its pro-rata share at every rung.
+    for step, at in ((25, 0), (100, 1), (300, 2)):
+        for name in ("1e-4/0", "1e-4/.1", "1e-4/.3"):
+            loss, forgot = H200_GRID[name][at]
+            s = score({"german": loss, "probe": base["probe"] * (1 + forgot)}, base, roles, pro_rata, step / 300)
+            assert s.within_budget, (name, step)
+    # The penalty form pro-rates its tolerance the same way.
+    pen = ObjectiveSection(forgetting_tolerance=0.06, forgetting_penalty=10.0, relative=True)
+    probe_up_3 = {"german": 2.0, "probe": base["probe"] * 1.03}
+    assert score(probe_up_3, base, roles, pen, progress=1.0).penalty == 0
+    assert score(probe_up_3, base, roles, pen, progress=0.25).penalty == pytest.approx(10 * (0.03 - 0.015))
 
 
 def test_budget_table_best_yaml_and_pareto_png(tmp_path):

@@ -134,6 +134,12 @@ class ObjectiveSection(_Section):
         "(0: optimise the new domain alone).")
     forgetting: Literal["max", "mean"] = Field(
         "max", description="How several sets combine: the worst one, or their mean.")
+    early_budget: Literal["pro_rata", "full"] = Field(
+        "pro_rata", description="What forgetting a trial may show before its last step (the budget of "
+        "kind budget, the tolerance of kind penalty). pro_rata: that allowance x steps trained / the "
+        "trial's max steps, so a rung keeps trials on course to end within it (forgetting grows as a "
+        "trial trains; judged against the whole budget, an early rung prefers the fast learners that "
+        "forget later). full: the whole allowance at every step.")
 
     @model_validator(mode="after")
     def _kind(self) -> "ObjectiveSection":

@@ -136,7 +136,7 @@ def collect(uri: str, job: JobConfig, tune: TuneSection) -> SweepSummary:
         committed = latest_committed(run_uri)
         row.steps = max([h["step"] for h in history[-1:]] + [committed.step if committed else 0])
         if history:
-            s = score_record(history[-1], history[0], roles, tune.objective)
+            s = score_record(history[-1], history[0], roles, tune.objective, budget)
             row.eval_step = history[-1]["step"]
             row.objective, row.new_loss = s.objective, s.new_loss
             row.old_loss, row.forgetting = s.old_loss, s.forgetting
@@ -228,13 +228,15 @@ def objective_text(o: ObjectiveSection) -> str:
     unit = "relative to step 0" if o.relative else "in nats"
     how = "the worst of" if o.forgetting == "max" else "the mean over"
     sets = " and ".join("probes" if x == "probes" else "replay sources" for x in o.over)
+    early = ("; before its last step a trial is held to that x steps trained / max steps (early_budget: pro_rata)"
+             if o.early_budget == "pro_rata" else "")
     if o.kind == "budget":
         limit = f"{100 * o.forgetting_budget:.1f}%" if o.relative else f"{o.forgetting_budget:g} nats"
         return (f"objective: minimise new-domain loss subject to forgetting ({how} {sets}, {unit}) <= {limit}; "
-                f"a trial over the budget scores 1000 + its excess, so it ranks after every trial within it")
+                f"a trial over the budget scores 1000 + its excess, so it ranks after every trial within it{early}")
     tol = f"{100 * o.forgetting_tolerance:.1f}%" if o.relative else f"{o.forgetting_tolerance:g}"
     return (f"objective = new-domain loss + {o.forgetting_penalty:g} x max(0, forgetting - {tol}) "
-            f"(forgetting: {how} {sets}, {unit})")
+            f"(forgetting: {how} {sets}, {unit}){early}")
 
 
 def format_summary(summary: SweepSummary) -> str:

@@ -54,15 +54,17 @@ class TrialReportCallback(TuneReportCallback):
     An evaluation at one of `hold_steps` (the rungs where Tune may pause the trial) is held back
     until the worker loop reports that step's checkpoint committed."""
 
-    def __init__(self, roles: dict[str, str], objective: dict[str, Any], hold_steps: list[int] | None = None):
+    def __init__(self, roles: dict[str, str], objective: dict[str, Any], max_steps: int,
+                 hold_steps: list[int] | None = None):
         super().__init__()
         self._roles = roles
         self._objective = ObjectiveSection.model_validate(objective)
+        self._max_steps = max_steps
         self._hold_steps = set(hold_steps or [])
         self._held: dict[str, Any] | None = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        scored = score_report(metrics[0], self._roles, self._objective)
+        scored = score_report(metrics[0], self._roles, self._objective, self._max_steps)
         if scored is None:
             held = self._held
             if checkpoint is not None and held is not None and metrics[0].get("step", -1) >= held["step"]:
@@ -114,7 +116,7 @@ def run_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     if timeline:
         loop_options["timeline_file"] = timeline
     roles = objective_roles(job)  # sources and probes
-    callbacks = [TrialReportCallback(roles, tune.objective.model_dump(), hold_steps=rungs),
+    callbacks = [TrialReportCallback(roles, tune.objective.model_dump(), job.train.max_steps, hold_steps=rungs),
                  RegisterPlacementGroups(spec["registry"], trial_id)]
     # A failed Train run raises here, so Tune marks the trial errored and may restart it.
     build_trainer(job, loop_options, callbacks=callbacks, gpus_per_worker=tune.gpus_per_trial or 1.0).fit()
