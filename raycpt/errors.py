@@ -9,6 +9,7 @@ again). Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # Ray Data appends its retry account to a failed task's error message (ray/data/_internal/util.py,
 # "Failed to ... after 1/1 attempts ... if you believe this to be transient."): about Ray's retry
@@ -33,17 +34,10 @@ class UsageError(RaycptError, ValueError):
     """A command-line argument or flag that cannot work; the message names it and the fix."""
 
 
-def find_raycpt_error(e: BaseException | None, _depth: int = 0) -> RaycptError | None:
-    """The raycpt error behind `e`: `e` itself, or the one Ray wrapped (a task's or an actor's
-    error, a Ray Data stage, a Ray Train worker or controller failure); None when there is none.
-
-    Ray re-raises a remote error as a class that derives from both RayTaskError and the original
-    class, with the remote traceback in its text, so the original (`cause`) is preferred."""
-    if e is None or _depth > 8:
-        return None
-    if isinstance(e, RaycptError) and getattr(e, "cause", None) is None:
-        return e  # raised by raycpt here, not a Ray wrapper of a remote one
-    inner: list[BaseException | None] = [getattr(e, "cause", None)]
+def _inner_errors(e: BaseException) -> list[BaseException]:
+    """The errors `e` carries: a Ray wrapper's original (`cause`), Ray Train's wrapped user error
+    and controller failure, per-rank failures, then Python's own chain."""
+    inner: list[Any] = [getattr(e, "cause", None)]
     inner.append(getattr(e, "_base_exc", None))  # Ray Train's UserExceptionWithTraceback
     inner.append(getattr(e, "controller_failure", None))  # Ray Train's ControllerError
     for attr in ("worker_failures", "failures"):  # Ray Train's WorkerGroupError, DCP's CheckpointException
@@ -53,9 +47,34 @@ def find_raycpt_error(e: BaseException | None, _depth: int = 0) -> RaycptError |
                 f = failures[k]
                 inner.append(f[0] if isinstance(f, tuple) and f else f)
     inner += [e.__cause__, None if e.__suppress_context__ else e.__context__]
-    for sub in inner:
-        if isinstance(sub, BaseException) and sub is not e:
-            found = find_raycpt_error(sub, _depth + 1)
-            if found is not None:
-                return found
-    return e if isinstance(e, RaycptError) else None
+    return [sub for sub in inner if isinstance(sub, BaseException) and sub is not e]
+
+
+def error_chain(e: BaseException | None, max_depth: int = 8) -> list[BaseException]:
+    """`e` and every error inside it (`_inner_errors`, recursively), depth first, each once."""
+    seen: list[BaseException] = []
+
+    def visit(err: BaseException, depth: int) -> None:
+        if depth > max_depth or any(err is s for s in seen):
+            return
+        seen.append(err)
+        for sub in _inner_errors(err):
+            visit(sub, depth + 1)
+
+    if e is not None:
+        visit(e, 0)
+    return seen
+
+
+def find_raycpt_error(e: BaseException | None) -> RaycptError | None:
+    """The raycpt error behind `e`: `e` itself, or the one Ray wrapped (a task's or an actor's
+    error, a Ray Data stage, a Ray Train worker or controller failure); None when there is none.
+
+    Ray re-raises a remote error as a class that derives from both RayTaskError and the original
+    class, with the remote traceback in its text, so the original (`cause`) is preferred."""
+    chain = error_chain(e)
+    for err in chain:
+        if isinstance(err, RaycptError) and getattr(err, "cause", None) is None:
+            return err  # raised by raycpt, not a Ray wrapper of a remote one
+    wrappers = [err for err in chain if isinstance(err, RaycptError)]
+    return wrappers[-1] if wrappers else None

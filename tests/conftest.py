@@ -17,6 +17,9 @@ STDLIB = sysconfig.get_paths()["stdlib"]
 for _k, _v in (("AWS_ACCESS_KEY_ID", "loopback-key-id"), ("AWS_SECRET_ACCESS_KEY", "loopback-secret-a9f3"),
                ("AWS_DEFAULT_REGION", "us-east-1")):
     os.environ.setdefault(_k, _v)
+# Ray Train's controller takes reports, failures and the worker group's start once per poll (2 s
+# by default); the suite waits on it hundreds of times. A shorter poll changes no behaviour.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def smollm2_dir() -> str:

@@ -18,6 +18,7 @@ from raycpt import storage
 from raycpt.checkpoint.layout import TRAIN_STATE, CheckpointEntry, list_checkpoints
 from raycpt.checkpoint.metadata import CheckpointError, UnsafeCheckpointError, read_metadata
 from raycpt.checkpoint.state import TrainState
+from raycpt.errors import error_chain, find_raycpt_error
 
 
 def read_train_state(checkpoint_uri: str) -> TrainState:
@@ -97,27 +98,12 @@ _PEER_LOST = ("gloo/transport", "Connection reset by peer", "Connection closed b
               "NCCL communicator was aborted", "Socket Timeout", "timed out")
 
 
-def failure_causes(e: BaseException) -> list[BaseException]:
-    """The error, its chain, and the per-rank errors a DCP CheckpointException carries."""
-    seen: list[BaseException] = []
-    stack = [e]
-    while stack:
-        err = stack.pop()
-        if err is None or any(err is s for s in seen):
-            continue
-        seen.append(err)
-        stack += [err.__cause__, err.__context__]
-        for failure in (getattr(err, "failures", None) or {}).values():  # DCP: {rank: (error, traceback)}
-            stack.append(failure[0] if isinstance(failure, tuple) else failure)
-    return [s for s in seen if isinstance(s, BaseException)]
-
-
 def is_peer_or_storage_loss(e: BaseException) -> bool:
     """A load that failed because a peer rank died or storage did not answer: the files may be
     fine, and the next attempt of the worker group loads them again."""
     import torch.distributed as dist
 
-    for cause in failure_causes(e):
+    for cause in error_chain(e):
         if isinstance(cause, (dist.DistError, ConnectionError, TimeoutError)):
             return True
         if any(marker in str(cause) for marker in _PEER_LOST):
@@ -137,8 +123,6 @@ def load_or_name_the_checkpoint(load: Callable[[], Any], checkpoint_uri: str) ->
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - whatever DCP raised: name the folder, keep the reason
-        from raycpt.errors import find_raycpt_error
-
         inner = find_raycpt_error(e)
         if inner is not None:
             raise inner from None

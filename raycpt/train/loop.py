@@ -146,8 +146,7 @@ def run_worker(config: dict[str, Any]) -> None:
         if rung_wait is not None:
             rung_wait.hold(step, w.rank, lambda: records.report(commit_now(checkpointer)), w.agree, w.say)
         if stop_now:
-            checkpointer.wait()
-            records.report(checkpointer.last_committed_step)
+            records.report(commit_now(checkpointer))
             if stop.train_on():
                 # Ray's advice: save just in time and keep training; when the node goes, Ray Train
                 # restarts the group and the run resumes from this checkpoint.
