@@ -33,6 +33,7 @@ def test_the_stream_crosses_ray_data_datasets_without_replaying_the_plan(tmp_pat
     at_2.skip_to(2)
     stream = DataStream(spec, end_step=7, prefetch_batches=2, reader_cpus=0.25, steps_per_dataset=3)
     stream.load_state_dict(at_2.state.state_dict())
+    stream.start()  # as the loop does: the reader starts before the step-0 evaluation
     profile = cProfile.Profile()
     got = []
     for _ in range(5):
@@ -61,3 +62,35 @@ def test_advance_moves_the_plan_exactly_as_next_batch_does(tmp_path, tiny_model,
         drawn.next_batch()
         counted.advance()
         assert counted.state == drawn.state
+
+
+def test_a_started_stream_reads_what_a_lazy_one_reads_and_raises_its_readers_error(tmp_path, tiny_model,
+                                                                                  prepared_sources):
+    import shutil
+
+    import pytest
+
+    from raycpt.data.manifest import DataError
+
+    job = parse_job(tiny_job_tree(str(tmp_path), tiny_model, prepared_sources, train={"max_steps": 6}))
+    spec = make_spec(job, read_manifests(job), None, rank=0, world_size=1, vocab_size=1 << 20)
+    lazy, started = DataStream(spec, end_step=6, local=True), DataStream(spec, end_step=6, local=True)
+    started.start()
+    for _ in range(6):
+        assert np.array_equal(lazy.next()[1], started.next()[1])
+    assert lazy.state_dict() == started.state_dict()
+    started.close()
+
+    # A shard the first batch needs is cut short: the background fetch's error reaches next().
+    sources = {name: str(tmp_path / "copy" / name) for name in prepared_sources}
+    for name, src in prepared_sources.items():
+        shutil.copytree(src, sources[name])
+        for shard in (tmp_path / "copy" / name / "train").glob("*.parquet"):
+            shard.write_bytes(shard.read_bytes()[:100])
+    broken = parse_job(tiny_job_tree(str(tmp_path / "b"), tiny_model, sources, train={"max_steps": 6}))
+    stream = DataStream(make_spec(broken, read_manifests(broken), None, rank=0, world_size=1, vocab_size=1 << 20),
+                        end_step=6, local=True)
+    stream.start()
+    with pytest.raises(DataError):
+        stream.next()
+    stream.close()

@@ -10,6 +10,7 @@ on another, and nothing but the global plan state is needed to resume.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -216,6 +217,8 @@ class DataStream:
         self.plan = build_plan(spec)
         self.wait_s = 0.0  # time the loop spent blocked on the next batch
         self._batches: Iterator[tuple[int, np.ndarray, np.ndarray]] | None = None
+        self._first: threading.Thread | None = None  # start(): the reader's start, off the loop's thread
+        self._first_batch: tuple[int, np.ndarray, np.ndarray] | BaseException | None = None
 
     @property
     def step(self) -> int:
@@ -226,8 +229,34 @@ class DataStream:
         return self.plan.state.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()  # the reader restarts from the loaded position
         self.plan.state = PlanState.from_state_dict(state)
-        self._batches = None  # the reader restarts from the loaded position
+
+    def start(self) -> None:
+        """Start the reader and fetch the first batch in the background, so that the reader's
+        start (a Ray Data pipeline and its reader actor: seconds) overlaps the work before the
+        first step, such as the step-0 evaluation. `next()` waits for it."""
+        if self._batches is not None or self._first is not None:
+            return
+        self._batches = self._local() if self.local else self._ray_data()
+
+        def fetch() -> None:
+            try:
+                self._first_batch = next(self._batches)
+            except BaseException as e:  # noqa: BLE001 - re-raised by next() on the loop's thread
+                self._first_batch = e
+
+        self._first = threading.Thread(target=fetch, name="raycpt-first-batch", daemon=True)
+        self._first.start()
+
+    def _take_first(self) -> tuple[int, np.ndarray, np.ndarray]:
+        assert self._first is not None
+        self._first.join()
+        self._first, first = None, self._first_batch
+        self._first_batch = None
+        if isinstance(first, BaseException):
+            raise first
+        return first
 
     def tokens_per_source(self) -> dict[str, int]:
         return self.plan.tokens_per_source(self.spec.seq_len)
@@ -238,7 +267,7 @@ class DataStream:
             self._batches = self._local() if self.local else self._ray_data()
         t = time.perf_counter()
         try:
-            data_step, input_ids, sample_ids = next(self._batches)
+            data_step, input_ids, sample_ids = self._take_first() if self._first is not None else next(self._batches)
         finally:
             self.wait_s += time.perf_counter() - t
         if data_step != self.step:
@@ -248,6 +277,9 @@ class DataStream:
 
     def close(self) -> None:
         """Stop the reader (Ray Data's prefetching threads) before the end of the steps."""
+        if self._first is not None:
+            self._first.join()
+            self._first = self._first_batch = None
         if self._batches is not None:
             self._batches.close()
             self._batches = None

@@ -88,8 +88,10 @@ def run_worker(config: dict[str, Any]) -> None:
         samples.flush()
         hooks.after_save(step, w.rank, checkpointer, w.agree, w.timeline)
 
+    stream.start()  # the reader starts while the step-0 evaluation runs
     if not evaluator.history:
         evaluate()
+        w.timeline.mark("step0_eval", step)
 
     # ---- The loop --------------------------------------------------------------------------------
     w.say(f"training: {n_params / 1e6:.1f}M params on {w.world} {w.device.type} worker(s), global batch "
