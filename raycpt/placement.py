@@ -11,9 +11,9 @@ rely on it alone.
 The driver (`raycpt train`, or the sweep driver of `raycpt tune`) owns a registry actor. Every
 controller registers each worker placement group it creates (`RegisterPlacementGroups`, a Ray
 Train worker-group callback) under a key (the run, or the trial); when that run or trial is over,
-the driver releases the key: the registry removes every placement group of it still alive, and
-one registered later (a controller restarting its workers while it is being stopped) is removed
-on arrival.
+the driver releases the key: the registry removes every placement group of it still alive, a
+controller of a released key starts no new worker group, and one registered later (a restart
+that began before the release) is removed on arrival.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class PlacementGroupRegistry:
         self._by_key.setdefault(key, []).append(pg)
         return True
 
+    def is_released(self, key: str) -> bool:
+        return key in self._released
+
     def reopen(self, key: str) -> None:
         """The run or trial starts again: its placement groups are wanted again."""
         self._released.discard(key)
@@ -75,6 +78,18 @@ class RegisterPlacementGroups(WorkerGroupCallback):
     def __init__(self, registry: str, key: str):
         self._registry = registry
         self._key = key
+
+    def before_worker_group_start(self, worker_group_context) -> None:
+        # A released run or trial (one the sweep stopped) gets no new worker group. Its controller,
+        # restarting the workers whose group was just removed, would otherwise reserve a new
+        # placement group and could be killed with the trial before registering it: reserved
+        # until the driver exits (seen as 2 leaked groups after an ASHA sweep).
+        try:
+            released = ray.get(ray.get_actor(self._registry).is_released.remote(self._key), timeout=30)
+        except Exception:  # noqa: BLE001 - the driver is gone: its job ends, and its groups with it
+            return
+        if released:
+            raise RuntimeError(f"raycpt: {self._key} was released by its driver; no new worker group")
 
     def after_worker_group_start(self, worker_group) -> None:
         pg = worker_group.get_worker_group_state().placement_group_handle.placement_group

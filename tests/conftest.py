@@ -20,6 +20,8 @@ for _k, _v in (("AWS_ACCESS_KEY_ID", "loopback-key-id"), ("AWS_SECRET_ACCESS_KEY
 # Ray Train's controller takes reports, failures and the worker group's start once per poll (2 s
 # by default); the suite waits on it hundreds of times. A shorter poll changes no behaviour.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Its preemption-notice poll (5 s by default) then has to keep up with runs that train faster.
+os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
 
 
 def smollm2_dir() -> str:
