@@ -236,9 +236,9 @@ class DataStream:
         """Start the reader and fetch the first batch in the background, so that the reader's
         start (a Ray Data pipeline and its reader actor: seconds) overlaps the work before the
         first step, such as the step-0 evaluation. `next()` waits for it."""
-        if self._batches is not None or self._first is not None:
+        if self._batches is not None:
             return
-        self._batches = self._local() if self.local else self._ray_data()
+        self._batches = self._open()
 
         def fetch() -> None:
             try:
@@ -264,7 +264,7 @@ class DataStream:
     def next(self) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids [rows, seq_len], sample_ids [rows]) of this worker's slice of the next step."""
         if self._batches is None:
-            self._batches = self._local() if self.local else self._ray_data()
+            self._batches = self._open()
         t = time.perf_counter()
         try:
             data_step, input_ids, sample_ids = self._take_first() if self._first is not None else next(self._batches)
@@ -283,6 +283,9 @@ class DataStream:
         if self._batches is not None:
             self._batches.close()
             self._batches = None
+
+    def _open(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        return self._local() if self.local else self._ray_data()
 
     def _reader_spec(self) -> StreamSpec:
         return StreamSpec(**{**asdict(self.spec), "plan_state": self.state_dict()})
