@@ -133,15 +133,16 @@ def train(job: JobConfig, address: str | None = None, loop_options: dict[str, An
     """Run the job to the end (or its failure); returns Ray Train's Result."""
     import uuid
 
+    storage.configure_storage(job.run.s3_endpoint_url)
+    reads_weights = not (loop_options or {}).get("random_weights")
+    print(f"raycpt: {preflight(job, address, reads_weights)}", flush=True)  # before Ray is even imported
+
     import ray.train
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from raycpt.logs import route_ray_logs_to_run
     from raycpt.placement import PlacementGroupRegistry, RegisterPlacementGroups, registry_name
 
-    storage.configure_storage(job.run.s3_endpoint_url)
-    reads_weights = not (loop_options or {}).get("random_weights")
-    print(f"raycpt: {preflight(job, address, reads_weights)}", flush=True)
     lo, hi = job.worker_range()
     connect_ray(min_cpus=hi * job.scaling.cpus_per_worker, address=address)
     route_ray_logs_to_run(job.run_uri)

@@ -29,11 +29,9 @@ def check_job(job: JobConfig, joins_cluster: bool, log: Callable[[str], None] = 
     """Raise a RaycptError naming the key and the fix for the first kind of problem found; return
     the start decision's message. `reads_weights=False`: the run builds random weights of the
     base's architecture (`raycpt bench train`), so the folder needs no safetensors."""
-    from raycpt.checkpoint.resume import check_resume_config, decide_start
-    from raycpt.data.manifest import tokenizer_identity
+    # Each check imports what it needs when it runs: the cheap ones (sources, manifests) answer
+    # before torch and the checkpoint code are loaded, so a typo in a path fails in a second.
     from raycpt.data.stream import read_manifests
-    from raycpt.data.verify import check_data_fits_model
-    from raycpt.model.hf import check_model_folder, load_config, load_tokenizer
 
     storage.check_reachable(job.run.storage, "run.storage")
     for i, src in enumerate(job.data.sources):
@@ -41,7 +39,14 @@ def check_job(job: JobConfig, joins_cluster: bool, log: Callable[[str], None] = 
     manifests = read_manifests(job)  # each path: exists, a folder, a complete manifest
     model_here = bool(job.model.base) and (os.path.exists(job.model.base) or not joins_cluster)
     if model_here:
+        from raycpt.model.hf import check_model_folder
+
         check_model_folder(job.model.base, weights=reads_weights)
+    from raycpt.checkpoint.resume import check_resume_config, decide_start
+    from raycpt.data.manifest import tokenizer_identity
+    from raycpt.data.verify import check_data_fits_model
+    from raycpt.model.hf import load_config, load_tokenizer
+
     decision = decide_start(job)
     if decision.kind == "resume":
         check_resume_config(decision.train_state.config, job)

@@ -97,3 +97,12 @@ def test_bad_bench_options_exit_2_naming_the_flag_before_writing_anything(tmp_pa
                      "--workdir", str(work), *bad]) == 2
         assert flag in capsys.readouterr().err
     assert not work.exists()
+
+
+def test_the_flop_count_leaves_out_the_weight_gradients_of_frozen_parameters():
+    from raycpt.train.metrics import flops_per_token
+
+    full = flops_per_token(1000, 2, 8, 16)
+    assert full == 6 * 1000 + 12 * 2 * 8 * 16
+    assert flops_per_token(1000, 2, 8, 16, n_trainable=1000) == full
+    assert flops_per_token(1000, 2, 8, 16, n_trainable=100) == full - 2 * 900  # backward skips 900 weight grads

@@ -81,7 +81,7 @@ def _expected_ids(tree: dict, steps: int) -> dict[int, list[int]]:
     return {s: worker_slice(plan.next_batch(), 0, 1).tolist() for s in range(steps)}
 
 
-def test_training_reads_shards_and_keeps_checkpoints_in_s3_and_resumes_from_there(
+def test_training_reads_shards_and_keeps_checkpoints_in_s3_and_resumes_through_a_throttled_store(
         s3_endpoint, s3_sources, tiny_model, ray_local):
     tree = tiny_job_tree("s3://raycpt-test/runs", tiny_model, s3_sources,
                          run={"name": "on-s3", "s3_endpoint_url": s3_endpoint},
@@ -90,10 +90,20 @@ def test_training_reads_shards_and_keeps_checkpoints_in_s3_and_resumes_from_ther
     run_uri = parse_job(tree).run_uri
     assert run_uri.startswith("s3://") and latest_committed(run_uri).step == 4
 
-    # A second submission of the same run with a longer budget resumes from the bucket.
-    longer = {**tree, "train": {**tree["train"], "max_steps": 6}}
-    assert preflight(parse_job(longer)).startswith("resuming step 4")
-    assert train(parse_job(longer)).error is None
+    # A second submission of the same run with a longer budget resumes from the bucket, through a
+    # store that answers every 7th request with 503 SlowDown: every read and write is retried.
+    proxy = _ThrottlingProxy(s3_endpoint, every=7)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        longer = {**tree, "run": {**tree["run"], "s3_endpoint_url": proxy.endpoint},
+                  "train": {**tree["train"], "max_steps": 6}}
+        assert preflight(parse_job(longer)).startswith("resuming step 4")
+        result = train(parse_job(longer))
+        assert result.error is None, result.error
+        assert proxy.injected >= 10, f"only {proxy.injected} errors injected over {proxy.count} requests"
+    finally:
+        proxy.shutdown()
+        storage.configure_storage(s3_endpoint)
     state = storage.read_json(storage.join(latest_committed(run_uri).uri, "train_state.json"))
     assert state["step"] == 6
     assert sample_log(run_uri) == _expected_ids(longer, 6)
@@ -159,23 +169,6 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         conn.close()
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-
-def test_throttled_store_is_retried_and_the_run_completes(s3_endpoint, s3_sources, tiny_model, ray_local):
-    proxy = _ThrottlingProxy(s3_endpoint, every=7)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        tree = tiny_job_tree("s3://raycpt-test/throttled", tiny_model, s3_sources,
-                             run={"name": "throttled", "s3_endpoint_url": proxy.endpoint},
-                             train={"max_steps": 4, "log_sample_ids": True})
-        result = train(parse_job(tree))
-        assert result.error is None, result.error
-        assert latest_committed(parse_job(tree).run_uri).step == 4
-        assert sample_log(parse_job(tree).run_uri) == _expected_ids(tree, 4)
-        assert proxy.injected >= 10, f"only {proxy.injected} errors injected over {proxy.count} requests"
-    finally:
-        proxy.shutdown()
-        storage.configure_storage(s3_endpoint)
 
 
 def test_missing_bucket_is_named_before_any_worker_starts(s3_endpoint, s3_sources, tiny_model):

@@ -260,12 +260,6 @@ def plain_model(o: TrainBenchOptions, device: torch.device) -> tuple[torch.nn.Mo
     return model, groups
 
 
-def trained_flops_per_token(n_params: int, n_trainable: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """6N + attention, less the weight-gradient matmuls (2 FLOP per token and frozen parameter)
-    that backward skips for frozen weights."""
-    return flops_per_token(n_params, n_layers, hidden, seq_len) - 2.0 * (n_params - n_trainable)
-
-
 def plain_loop(o: TrainBenchOptions, compiled: bool, device: torch.device) -> dict[str, Any]:
     """One device, the worker's share of the global batch, gradient accumulation like the real path."""
     rows = o.global_batch_size // o.workers
@@ -294,8 +288,8 @@ def plain_loop(o: TrainBenchOptions, compiled: bool, device: torch.device) -> di
     times = clock.read()[o.warmup_steps:]
     unique = {id(p): p for p in model.parameters()}.values()
     n_params, n_trainable = sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad)
-    out = _timing(times, rows * o.seq_len, trained_flops_per_token(n_params, n_trainable, cfg.num_hidden_layers,
-                                                                    cfg.hidden_size, o.seq_len),
+    out = _timing(times, rows * o.seq_len, flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size,
+                                                            o.seq_len, n_trainable),
                   device_peak_flops(device), 1)
     out.update(peak_memory_gib=peak_memory_gib(device), data_wait_share=None, checkpoint_stall_s=None,
                final_loss=float(loss.detach()) if loss is not None else None)
@@ -407,7 +401,7 @@ def _real_flops_per_token(job, cfg, seq_len: int) -> float:
     if prepare is not None:
         model = prepare(model)
     n_params, n_trainable = count_params(model)
-    return trained_flops_per_token(n_params, n_trainable, cfg.num_hidden_layers, cfg.hidden_size, seq_len)
+    return flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, seq_len, n_trainable)
 
 
 def _versions() -> dict[str, str]:

@@ -28,7 +28,7 @@ from raycpt.data.plan import remap_state_by_name
 from raycpt.data.stream import DataStream, make_spec, read_manifests
 from raycpt.data.verify import check_data_fits_model
 from raycpt.model.fsdp import build_sharded_model
-from raycpt.model.hf import load_config, load_tokenizer, param_count
+from raycpt.model.hf import load_config, load_tokenizer
 from raycpt.model.lora import check_init_run, count_params, init_adapters, load_adapter, partial_training
 from raycpt.model.loss import use_chunked_loss
 from raycpt.train.evaluate import Evaluator, report_metrics
@@ -63,11 +63,11 @@ def run_worker(config: dict[str, Any]) -> None:
     checkpointer = Checkpointer(job.run_uri, w.rank, job.checkpoint.keep_last, job.checkpoint.keep_every_steps,
                                 job.checkpoint.async_save, w.say, before_commit=hooks.before_commit(), fence=fence)
     records = RayRecords(w.ray_train, job)
-    n_params = param_count(model)
+    n_params, n_trainable = count_params(model)
     clock, stop = StepClock(w.device), StopFlag(w.ray_train)
     profiler = StepProfiler(list(hooks.profile) if hooks.profile else None, w.rank)
     window = MetricWindow(job, w.world, flops_per_token(n_params, model_config.num_hidden_layers,
-                                                        model_config.hidden_size, job.data.seq_len),
+                                                        model_config.hidden_size, job.data.seq_len, n_trainable),
                           device_peak_flops(w.device), clock, stream, checkpointer)
     use_chunked_loss(model, job.model.loss_chunk_tokens)
     mlog = MetricsLog(job.run_uri, job.run.name, step, w.rank, job.metrics.tensorboard, job.metrics.mlflow_tracking_uri,

@@ -10,9 +10,12 @@ import torch
 _PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12))
 
 
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """6N + 12·L·d·T: dense matmuls forward+backward plus attention scores (torchtitan's count)."""
-    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int, n_trainable: int | None = None) -> float:
+    """6N + 12·L·d·T: dense matmuls forward+backward plus attention scores (torchtitan's count),
+    less the weight-gradient matmul (2 FLOPs a token) that backward skips for every frozen
+    parameter when `n_trainable` of the N are trained (LoRA, frozen layers or embeddings)."""
+    frozen = 0 if n_trainable is None else n_params - n_trainable
+    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len - 2.0 * frozen
 
 
 def device_peak_flops(device: torch.device) -> float | None:
