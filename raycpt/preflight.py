@@ -43,14 +43,15 @@ def check_job(job: JobConfig, joins_cluster: bool, log: Callable[[str], None] = 
 
         check_model_folder(job.model.base, weights=reads_weights)
     from raycpt.checkpoint.resume import check_resume_config, decide_start
-    from raycpt.data.manifest import tokenizer_identity
-    from raycpt.data.verify import check_data_fits_model
-    from raycpt.model.hf import load_config, load_tokenizer
 
     decision = decide_start(job)
     if decision.kind == "resume":
         check_resume_config(decision.train_state.config, job)
     if model_here:
+        from raycpt.data.manifest import tokenizer_identity
+        from raycpt.data.verify import check_data_fits_model
+        from raycpt.model.hf import load_config, load_tokenizer
+
         config = load_config(job.model.base)
         tok_id = tokenizer_identity(load_tokenizer(job.model.base), os.path.basename(job.model.base))
         check_data_fits_model(job, manifests, tok_id, config.vocab_size, read_footers=True)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raycpt.model.lora import count_params
 from raycpt.model.shapes import SHAPE_RECIPES, SHAPES, llama_config
 from raycpt.train.metrics import device_peak_flops, flops_per_token
 from raycpt.train.step import StepClock, peak_memory_gib
@@ -286,8 +287,7 @@ def plain_loop(o: TrainBenchOptions, compiled: bool, device: torch.device) -> di
         opt.zero_grad(set_to_none=True)
         clock.mark()
     times = clock.read()[o.warmup_steps:]
-    unique = {id(p): p for p in model.parameters()}.values()
-    n_params, n_trainable = sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad)
+    n_params, n_trainable = count_params(model)
     out = _timing(times, rows * o.seq_len, flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size,
                                                             o.seq_len, n_trainable),
                   device_peak_flops(device), 1)
@@ -394,7 +394,7 @@ def bench_train(o: TrainBenchOptions, log=print) -> dict[str, Any]:
 def _real_flops_per_token(job, cfg, seq_len: int) -> float:
     """FLOPs per token of the model the real path trained (its LoRA recipe included), from a meta build."""
     from raycpt.model.hf import build_on_meta
-    from raycpt.model.lora import count_params, partial_training
+    from raycpt.model.lora import partial_training
 
     model = build_on_meta(cfg)
     prepare = partial_training(job.model)
