@@ -209,3 +209,42 @@ def test_plain_lora_baseline_trains_adapters_and_embeddings_at_the_recipe_lr():
     rest, embeddings = groups
     assert embeddings["lr"] == 1e-4 * 0.1 and len(embeddings["params"]) == 2  # untied embeddings and head
     assert sum(len(g["params"]) for g in groups) == len(trainable)
+
+
+def test_one_fsdp2_worker_casts_its_weights_once_a_step_however_many_micro_batches(tmp_path, tiny_model,
+                                                                                 monkeypatch):
+    """One FSDP2 worker keeps its unsharded weights between a step's micro-batches (one all-gather
+    per parameter group a step, not one per micro-batch), and the gradients are those of the step."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    from conftest import cpu_sharded_model
+    from raycpt.train.step import forward_backward
+
+    rows = (torch.arange(4 * 16).reshape(4, 16) * 7 % 64).numpy()
+    with one_rank_group(str(tmp_path / "store")):
+        model = cpu_sharded_model(tiny_model, weights_from=None)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02)
+        gathers = []
+        group_unshard = _fsdp_param_group.FSDPParamGroup.unshard
+
+        def counted_unshard(group, *args, **kwargs):  # FSDP2 casting a parameter group's weights in
+            was_unsharded = group.is_unsharded
+            group_unshard(group, *args, **kwargs)
+            if not was_unsharded and group._all_gather_result is not None:
+                gathers.append(group)
+
+        monkeypatch.setattr(_fsdp_param_group.FSDPParamGroup, "unshard", counted_unshard)
+        forward_backward(model, rows, micro_batch_size=4, device=torch.device("cpu"))  # one micro-batch
+        one_micro_batch = len(gathers)
+        whole = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        gathers.clear()
+        forward_backward(model, rows, micro_batch_size=1, device=torch.device("cpu"))  # four
+        assert one_micro_batch > 0 and len(gathers) == one_micro_batch
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad.full_tensor(), whole[n], rtol=1e-4, atol=1e-6, msg=n)
+        # The weights are sharded again for the optimizer step.
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters())

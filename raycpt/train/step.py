@@ -32,6 +32,7 @@ def forward_backward(model: nn.Module, input_ids: np.ndarray, micro_batch_size: 
     batch = batch_to_device(input_ids, device)
     accum = batch.shape[0] // micro_batch_size
     sharded = hasattr(model, "set_requires_gradient_sync")  # FSDP2; one worker's plain module has no sync
+    keep_unsharded = accum > 1 and getattr(model, "raycpt_unsharded_between_micro_batches", False)
     if accum > 1 and getattr(model, "raycpt_cuda_graphs", False):
         # A CUDA graph's outputs live in memory its next replay overwrites: a gradient taken over
         # as `.grad` on one micro-batch would be clobbered by the next. Gradients that exist are
@@ -44,6 +45,8 @@ def forward_backward(model: nn.Module, input_ids: np.ndarray, micro_batch_size: 
         x = batch[i * micro_batch_size:(i + 1) * micro_batch_size]
         if sharded:
             model.set_requires_gradient_sync(i == accum - 1)
+            if keep_unsharded:
+                model.set_reshard_after_backward(i == accum - 1)
         # use_cache=False: HF otherwise fills a KV cache in training (copies, and one recompile per block).
         loss = model(input_ids=x, labels=x, use_cache=False).loss
         (loss / accum).backward()
