@@ -83,6 +83,14 @@ def test_elastic_run_loses_a_node_and_finishes_on_fewer_workers(straight_run, tm
     script = tmp_path / "cluster_run.py"
     script.write_text(CLUSTER_RUN)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Until the GCS marks the lost node dead (~30 s by Ray's default health checks: every 3 s, 5
+    # misses) Ray Train sees room for the old size and asks for it again, and each such placement
+    # group waits out the worker-group start timeout (60 s by default) before the controller looks
+    # again. The test is of the resume that follows, not of those timers: shorter ones (node health
+    # checked every second, dead after 3 misses; 10 s to start a worker group) reach the same
+    # decision, the 1 worker that fits, sooner.
+    env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
+               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="10")
     out = subprocess.run([sys.executable, str(script), str(job_yaml)], env=env, capture_output=True, text=True,
                          timeout=600, cwd=os.path.dirname(__file__))
     log = out.stdout + out.stderr
