@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_job_tree
 from raycpt import storage
 from raycpt.bench.tune import startup_spans
+from raycpt.checkpoint.layout import latest_committed
 from raycpt.config import ConfigError
 from raycpt.tune.config import parse_sweep
 from raycpt.tune.resources import (
@@ -169,6 +170,11 @@ def test_sync_halving_pauses_trials_at_the_rung_to_free_slots_for_queued_ones(tm
     # trained on, that is 1 x 8 + 2 x 4 of the 24 trial-steps, else the other trained on to its end.
     stopped = [t for t in trials if t["status"] == "stopped early"]
     assert all(t["steps"] == 4 for t in stopped), trials
+    # Their checkpoint is the rung's own save (the job's interval is 8: no other save before it).
+    for t in stopped:
+        ckpt = latest_committed(storage.join(out["uri"], "runs", t["run_name"]))
+        state = storage.read_json(storage.join(ckpt.uri, "train_state.json"))
+        assert (ckpt.step, state["reason"]) == (4, "rung"), (t["trial_id"], ckpt.step, state["reason"])
     c = out["compute"]
     assert c["steps_if_all_ran_to_the_end"] == 24
     assert len(stopped) == c["stopped_early"] == (2 if winner_trained_on else 1), trials

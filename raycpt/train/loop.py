@@ -140,11 +140,13 @@ def run_worker(config: dict[str, Any]) -> None:
         stop_now = False
         if step % job.train.preemption_poll_steps == 0 or step == job.train.max_steps:
             stop_now = stop.poll(w.agree) and step < job.train.max_steps
-        if (step % job.checkpoint.interval_steps == 0 or stop_now
+        # A sweep trial also saves at each rung: if it is paused there, it resumes from that step.
+        at_rung = rung_wait is not None and rung_wait.is_rung(step)
+        if (step % job.checkpoint.interval_steps == 0 or stop_now or at_rung
                 or (step == job.train.max_steps and job.checkpoint.final_save)):
             if stop_now:
                 stop.set("another worker's stop request")
-            save(stop.reason or ("final" if step == job.train.max_steps else "interval"))
+            save(stop.reason or ("final" if step == job.train.max_steps else "rung" if at_rung else "interval"))
         if rung_wait is not None:
             rung_wait.hold(step, w.rank, lambda: records.report(commit_now(checkpointer)), w.agree, w.say)
         if stop_now:

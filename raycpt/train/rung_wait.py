@@ -61,11 +61,15 @@ class RungWait:
         return cls(tuple(int(r) for r in spec["rungs"]), str(spec["allowance_uri"]),
                    float(spec.get("poll_s", 0.5)), float(spec.get("max_wait_s", 600.0)))
 
+    def is_rung(self, step: int) -> bool:
+        """A step the loop saves a checkpoint at (whatever `checkpoint.interval_steps` says) and holds at."""
+        return step in self.rungs
+
     def hold(self, step: int, rank: int, commit: Callable[[], None], agree: Callable[[bool], bool],
              say: Callable[[str], None]) -> None:
         """At a rung step (its checkpoint saved): `commit` waits for that checkpoint and reports
         it, then every rank waits, polling together, until rank 0 reads an allowance past it."""
-        if step not in self.rungs:
+        if not self.is_rung(step):
             return
         commit()
         t0 = time.time()

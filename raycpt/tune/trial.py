@@ -13,11 +13,11 @@ keeps), so a trial restarted after a driver crash resumes from its own newest co
 checkpoint by raycpt's ordinary start decision. All trials read the same prepared shards.
 
 Under synchronous successive halving (raycpt/tune/schedulers.py) Tune pauses a trial at a rung
-by ending it, and starts it again once it is promoted. So that nothing is trained twice, every
-rung is a checkpoint step of the trial (`trial_checkpoint_interval`), the trial's result at a
-rung reaches Tune only once that step's checkpoint is committed, and the workers wait at the rung
-until the scheduler lets them train on (raycpt/train/rung_wait.py): a paused trial trained
-nothing past its rung.
+by ending it, and starts it again once it is promoted. So that nothing is trained twice, the
+worker loop saves a checkpoint at every rung (besides the job's own `checkpoint.interval_steps`),
+the trial's result at a rung reaches Tune only once that step's checkpoint is committed, and the
+workers wait at the rung until the scheduler lets them train on (raycpt/train/rung_wait.py): a
+paused trial trained nothing past its rung.
 
 Start-up: with the loop option `timeline_dir`, each start of a trial appends its phases to
 <timeline_dir>/<trial id>.jsonl (trial_start here, then the worker loop's worker_start,
@@ -27,7 +27,6 @@ model_built, model_ready, first_step), which `raycpt bench tune` reads.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any
@@ -78,11 +77,6 @@ class TrialReportCallback(TuneReportCallback):
         super().after_report(run_context, [result], None)
 
 
-def trial_checkpoint_interval(job_interval_steps: int, rungs: list[int]) -> int:
-    """A checkpoint interval that makes every rung a checkpoint step (and is no longer than the job's)."""
-    return math.gcd(job_interval_steps, *rungs) if rungs else job_interval_steps
-
-
 def mark_trial_start(timeline_dir: str | None, trial_id: str) -> str | None:
     """Append a trial_start mark to the trial's timeline file; returns the file (None: off)."""
     if not timeline_dir:
@@ -105,12 +99,10 @@ def run_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     tree = trial_tree(spec["job"], tune, values, trial_run_name(trial_id), spec["runs_uri"])
     rungs = spec.get("pause_rungs") or []
-    if rungs:  # a paused trial resumes from its rung's checkpoint, committed before Tune hears of the rung
-        tree["checkpoint"]["interval_steps"] = trial_checkpoint_interval(tree["checkpoint"]["interval_steps"], rungs)
     job = parse_job(tree)
     storage.configure_storage(job.run.s3_endpoint_url)
     loop_options = dict(spec.get("loop_options") or {})
-    if rungs:  # the workers wait at each rung for the scheduler's verdict (raycpt/train/rung_wait.py)
+    if rungs:  # the workers save and wait at each rung for the scheduler's verdict (raycpt/train/rung_wait.py)
         loop_options["rung_wait"] = {"rungs": rungs, "allowance_uri": allowance_uri(spec["allowances_uri"], trial_id)}
     timeline = mark_trial_start(loop_options.pop("timeline_dir", None), trial_id)
     if timeline:
