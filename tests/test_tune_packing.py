@@ -216,3 +216,75 @@ def test_a_trial_waits_at_a_rung_until_the_sweep_allows_it_on(tmp_path):
     late = RungWait(rungs=(20,), allowance_uri=str(tmp_path / "never.json"), poll_s=0.05, max_wait_s=0.2)
     late.hold(20, 0, lambda: None, lambda flag: flag, said.append)
     assert "no verdict" in said[-1]
+
+
+class _Controller:
+    """What the scheduler reads of Tune's controller: the trials, whether the search is done, stops."""
+
+    def __init__(self, trials):
+        from types import SimpleNamespace
+
+        self.trials = trials
+        self.search_alg = SimpleNamespace(is_finished=lambda: True, total_samples=len(trials))
+
+    def get_trials(self):
+        return self.trials
+
+    def stop_trial(self, trial):
+        from ray.tune.experiment import Trial
+
+        trial.status = Trial.TERMINATED
+
+
+def _halving(tmp_path, train_on_while_waiting: bool):
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from raycpt.tune.schedulers import SyncSuccessiveHalving, TrialGate
+
+    trials = [SimpleNamespace(trial_id=t, status=Trial.RUNNING) for t in ("a", "b", "c")]
+    controller = _Controller(trials)
+    sched = SyncSuccessiveHalving([25, 100], 3, TrialGate(3), metric="objective", mode="min",
+                                  log=lambda m: None, allowances_uri=str(tmp_path / "allow"),
+                                  train_on_while_waiting=train_on_while_waiting)
+    for t in trials:
+        sched.on_trial_add(controller, t)
+    return sched, controller, {t.trial_id: t for t in trials}
+
+
+def _allowed(tmp_path, tid: str):
+    from raycpt.train.rung_wait import allowance_uri
+
+    return storage.read_json(allowance_uri(str(tmp_path / "allow"), tid))["train_to"]
+
+
+def test_a_trial_waiting_for_its_verdict_trains_on_at_most_one_rung(tmp_path):
+    """3 trials, rungs at 25 and 100, nobody waiting for a slot: the first at the rung trains on,
+    but only to the next rung while the first rung is undecided (before, its allowance at step 100
+    was the whole budget); once promoted it goes on to its budget, and the others are stopped."""
+    sched, controller, trials = _halving(tmp_path, train_on_while_waiting=True)
+    for tid in "abc":
+        sched.on_trial_result(controller, trials[tid], {"step": 0, "objective": 3.0})
+        assert _allowed(tmp_path, tid) == 25
+    assert sched.on_trial_result(controller, trials["a"], {"step": 25, "objective": 1.0}) == "CONTINUE"
+    assert _allowed(tmp_path, "a") == 100
+    sched.on_trial_result(controller, trials["a"], {"step": 100, "objective": 0.9})
+    assert _allowed(tmp_path, "a") == 100, "trained past a rung whose verdict is still to come"
+    sched.on_trial_result(controller, trials["b"], {"step": 25, "objective": 2.0})
+    assert sched.on_trial_result(controller, trials["c"], {"step": 25, "objective": 2.5}) == "STOP"
+    assert trials["b"].status == "TERMINATED" and _allowed(tmp_path, "b") == 100
+    assert _allowed(tmp_path, "a") is None  # promoted, the only trial of the last rung: to its budget
+
+
+def test_trials_sharing_a_gpu_wait_at_the_rung_for_its_verdict(tmp_path):
+    """tune.gpus_per_trial < 1: a trial at a rung does not train on (it would take GPU time from
+    the trials the rung waits for); the verdict lets the best on to the next rung and stops the rest."""
+    sched, controller, trials = _halving(tmp_path, train_on_while_waiting=False)
+    for tid in "abc":
+        sched.on_trial_result(controller, trials[tid], {"step": 0, "objective": 3.0})
+    sched.on_trial_result(controller, trials["a"], {"step": 25, "objective": 1.0})
+    sched.on_trial_result(controller, trials["b"], {"step": 25, "objective": 2.0})
+    assert _allowed(tmp_path, "a") == 25 and _allowed(tmp_path, "b") == 25  # both wait at the rung
+    assert sched.on_trial_result(controller, trials["c"], {"step": 25, "objective": 2.5}) == "STOP"
+    assert _allowed(tmp_path, "a") == 100 and trials["b"].status == "TERMINATED"  # on to the next rung

@@ -12,7 +12,11 @@ the rest stop. At a rung the trial's workers stop and wait (raycpt/train/rung_wa
 that must wait for its verdict gives its slot to a trial that needs one (Tune pauses it; it
 resumes from its own committed checkpoint at the rung, see raycpt/tune/trial.py), and is allowed
 on to the next rung when nobody waits (a pause costs a start-up; going on costs only the steps
-of a trial that is then stopped). This is one bracket of HyperBand (Li et al. 2018); Ray
+of a trial that is then stopped), never further before the verdict. Trials that share a GPU
+(`tune.gpus_per_trial` < 1) do not go on: the GPU time-slices between their processes, so one
+that trains on while it waits slows the trials the rung waits for (one H200, 9 trials of 135M:
+the last three reached step 25 after the others had reached 100-200, and the sweep trained
+1,325 of 2,700 trial-steps where the rungs allow 650). This is one bracket of HyperBand (Li et al. 2018); Ray
 Tune's `HyperBandScheduler` sizes its brackets from max_t alone (81 trials for max_t 81, factor
 3) and fills them least-aggressive first, so a sweep of 8 trials would run them all to the end.
 
@@ -130,7 +134,7 @@ class SyncSuccessiveHalving(FIFOScheduler):
     def __init__(self, rungs: list[int], reduction_factor: float, gate: TrialGate, time_attr: str = "step",
                  metric: str | None = None, mode: str | None = None,
                  on_pause: Callable[[Trial], None] | None = None, log: Callable[[str], None] | None = None,
-                 allowances_uri: str | None = None):
+                 allowances_uri: str | None = None, train_on_while_waiting: bool = True):
         super().__init__()
         self.rungs = list(rungs)
         self.reduction_factor = reduction_factor
@@ -150,6 +154,7 @@ class SyncSuccessiveHalving(FIFOScheduler):
         self.log = log or say  # module-level: Tune pickles the scheduler with the experiment
         self.allowances_uri = allowances_uri                  # where trials read how far they may train
         self.allowed: dict[str, int | None] = {}              # trial id -> the allowance last written
+        self.train_on_while_waiting = train_on_while_waiting  # False: trials share a device (module docstring)
         self._deciding = False
 
     # -- Tune's scheduler interface -------------------------------------------------------------
@@ -181,11 +186,14 @@ class SyncSuccessiveHalving(FIFOScheduler):
         stopped = self._decide(tune_controller, current=tid)
         if tid in stopped:
             return TrialScheduler.STOP
-        if self.level[tid] == lvl and self._slot_wanted(tune_controller):
+        waiting = self.level[tid] == lvl  # for its verdict at this rung
+        if waiting and self._slot_wanted(tune_controller):
             self.paused_unreleased.add(tid)  # on_pause once its actor has stopped (choose_trial_to_run)
             return TrialScheduler.PAUSE
-        # Promoted, or no other trial needs the slot: on to the next rung (where it waits again).
-        self._allow(tid)
+        # Promoted, or no other trial needs the slot: on to the next rung (where it waits again),
+        # unless it would take device time from the trials the rung waits for.
+        if not waiting or self.train_on_while_waiting:
+            self._allow(tid)
         return TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
@@ -295,11 +303,15 @@ class SyncSuccessiveHalving(FIFOScheduler):
 
     def _allow(self, tid: str) -> None:
         """Let a trial train up to the next rung after its latest result (to its budget past the
-        last rung): the workers, waiting at a rung, read this within a poll."""
+        last rung), but not past the rung after the one it has yet to pass: the steps beyond are
+        lost if that verdict stops it. The workers, waiting at a rung, read this within a poll."""
         if self.allowances_uri is None or tid not in self.last:
             return
         step = self.last[tid][0]
         train_to = next((r for r in self.rungs if r > step), None)
+        lvl = self.level.get(tid, 0)
+        if lvl + 1 < len(self.rungs) and (train_to is None or train_to > self.rungs[lvl + 1]):
+            train_to = self.rungs[lvl + 1]
         if tid in self.allowed and (self.allowed[tid] is None or self.allowed[tid] == train_to):
             return
         write_allowance(allowance_uri(self.allowances_uri, tid), train_to)

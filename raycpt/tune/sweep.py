@@ -145,8 +145,10 @@ def build_scheduler(kind: str, tune: TuneSection, job: JobConfig, gate: TrialGat
     budget = tune.max_steps_per_trial or job.train.max_steps
     grace = s.grace_period_steps or job.eval.interval_steps or budget
     if kind == "hyperband":
+        shares_a_gpu = job.scaling.use_gpu and tune.gpus_per_trial is not None and tune.gpus_per_trial < 1
         return SyncSuccessiveHalving(pause_rungs(tune, job), s.reduction_factor, gate, time_attr="step",
-                                     on_pause=on_pause, allowances_uri=allowances_uri)
+                                     on_pause=on_pause, allowances_uri=allowances_uri,
+                                     train_on_while_waiting=not shares_a_gpu)
     if kind == "asha":
         # time_attr "step": rungs are optimizer steps, whatever the evaluation interval.
         return ASHAScheduler(time_attr="step", max_t=budget, grace_period=grace, reduction_factor=s.reduction_factor)
