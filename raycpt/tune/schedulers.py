@@ -16,9 +16,10 @@ of a trial that is then stopped), never further before the verdict. Trials that 
 (`tune.gpus_per_trial` < 1) do not go on: the GPU time-slices between their processes, so one
 that trains on while it waits slows the trials the rung waits for (one H200, 9 trials of 135M:
 the last three reached step 25 after the others had reached 100-200, and the sweep trained
-1,325 of 2,700 trial-steps where the rungs allow 650). This is one bracket of HyperBand (Li et al. 2018); Ray
-Tune's `HyperBandScheduler` sizes its brackets from max_t alone (81 trials for max_t 81, factor
-3) and fills them least-aggressive first, so a sweep of 8 trials would run them all to the end.
+1,325 of 2,700 trial-steps where the rungs allow 650). This is one bracket of HyperBand (Li et
+al. 2018); Ray Tune's `HyperBandScheduler` sizes its brackets from max_t alone (81 trials for
+max_t 81, factor 3) and fills them least-aggressive first, so a sweep of 8 trials would run them
+all to the end.
 
 Because a paused trial is not finished, a searcher's concurrency limit (BasicVariantGenerator's
 max_concurrent, ConcurrencyLimiter) would count it as running and starve the rung of the trials
