@@ -217,7 +217,7 @@ def _cmd_bench_tune(a: argparse.Namespace) -> int:
         steps=a.steps, eval_every=a.eval_every, grace_steps=a.grace_steps, reduction_factor=a.reduction_factor,
         seq_len=a.seq_len, global_batch_size=a.global_batch_size, micro_batch_size=a.micro_batch_size,
         eval_rows=a.eval_rows, seed=a.seed, base=a.base, sides=tuple(a.sides), overrides=a.overrides,
-        preload=a.preload)
+        preload=a.preload, warm_up=not a.no_warm_up)
     r = bench_tune(o)
     if a.json:
         with open(a.json, "w") as f:
@@ -422,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sides", nargs="+", choices=("early", "full"), default=["early", "full"])
     b.add_argument("--preload", action="store_true",
                    help="the local Ray's idle workers import torch/transformers/Ray Train in advance (start-up)")
+    b.add_argument("--no-warm-up", action="store_true",
+                   help="skip the untimed warm-up trial (then the side that runs second finds warm caches)")
     b.add_argument("--workdir", default=os.environ.get("RAYCPT_BENCH_DIR", "/tmp/raycpt-bench"),
                    help="model folder, corpora and sweeps of the bench (model and corpora reused)")
     b.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
