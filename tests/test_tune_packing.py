@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_job_tree
 from raycpt import storage
-from raycpt.bench.tune import startup_spans
+from raycpt.bench.tune import rung_arrivals, startup_spans
 from raycpt.checkpoint.layout import latest_committed
 from raycpt.config import ConfigError
 from raycpt.tune.config import parse_sweep
@@ -72,6 +72,25 @@ def test_compute_share_on_known_numbers():
     share = compute_share({"trial_steps": 650, "gpu_seconds": 300.0, "wall_s": 200.0},
                           {"trial_steps": 3200, "gpu_seconds": 1200.0, "wall_s": 400.0})
     assert share == {"trial_steps": pytest.approx(0.203125), "gpu_seconds": 0.25, "wall_s": 0.5}
+
+
+def test_rung_arrivals_on_known_timelines(tmp_path):
+    """The bench's view of a rung: when its trials reached it and when the first was let on. A
+    trial that was paused or stopped at the rung never marks `rung_passed`."""
+    import json
+
+    marks = {"a": [("trial_start", None, 100.0), ("rung_reached", 25, 160.0), ("rung_passed", 25, 230.0),
+                   ("rung_reached", 100, 300.0)],
+             "b": [("trial_start", None, 100.0), ("rung_reached", 25, 225.0)],  # stopped at the rung
+             "c": [("trial_start", None, 101.0), ("rung_reached", 25, 190.0), ("rung_passed", 25, 231.0),
+                   ("rung_reached", 100, 310.0), ("rung_passed", 100, 312.0)]}
+    for trial, events in marks.items():
+        with open(tmp_path / f"{trial}.jsonl", "w") as f:
+            f.writelines(json.dumps({"event": e, "step": st, "time": t}) + "\n" for e, st, t in events)
+    assert rung_arrivals(str(tmp_path), since=100.0) == {
+        25: {"trials": 3, "first_s": 60.0, "last_s": 125.0, "spread_s": 65.0, "first_let_on_s": 130.0},
+        100: {"trials": 2, "first_s": 200.0, "last_s": 210.0, "spread_s": 10.0, "first_let_on_s": 212.0}}
+    assert rung_arrivals(str(tmp_path / "none"), since=0.0) == {}
 
 
 def _tree(tmp_path, scaling=None, **tune):
@@ -189,6 +208,8 @@ def test_sync_halving_pauses_trials_at_the_rung_to_free_slots_for_queued_ones(tm
     first, second, third = spans[:3]
     assert second[0] < first[1] and first[0] < second[1], f"the first two did not overlap: {spans}"
     assert third[0] > max(first[1], second[1]), spans
+    # Every trial marked its arrival at the rung once (the resumed one starts past it).
+    assert rung_arrivals(str(tmp_path / "timelines"), since=0.0)[4]["trials"] == 3
 
 
 def test_a_trial_waits_at_a_rung_until_the_sweep_allows_it_on(tmp_path):

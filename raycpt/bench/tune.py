@@ -184,6 +184,26 @@ def startup_spans(timeline_dir: str) -> list[tuple[float, float]]:
     return spans
 
 
+def rung_arrivals(timeline_dir: str, since: float) -> dict[int, dict[str, Any]]:
+    """Per rung step: when its trials reached it (seconds after `since`, the side's start), the
+    spread between the first and the last, and when the first trial was let on. The rung's
+    verdict waits for the last arrival, so the spread is time the trials that came first sit
+    idle."""
+    reached: dict[int, list[float]] = {}
+    passed: dict[int, list[float]] = {}
+    if os.path.isdir(timeline_dir):
+        for name in sorted(os.listdir(timeline_dir)):
+            with open(os.path.join(timeline_dir, name)) as f:
+                for e in (json.loads(line) for line in f if line.strip()):
+                    if e["event"] in ("rung_reached", "rung_passed"):
+                        into = reached if e["event"] == "rung_reached" else passed
+                        into.setdefault(int(e["step"]), []).append(e["time"] - since)
+    return {step: {"trials": len(times), "first_s": min(times), "last_s": max(times),
+                   "spread_s": max(times) - min(times),
+                   "first_let_on_s": min(passed[step]) if step in passed else None}
+            for step, times in sorted(reached.items())}
+
+
 def startup_seconds(timeline_dir: str) -> list[float]:
     """Trial start -> first optimizer step, for every start of every trial."""
     return [first - start for start, first in startup_spans(timeline_dir)]
@@ -191,7 +211,7 @@ def startup_seconds(timeline_dir: str) -> list[float]:
 
 def run_side(o: TuneBenchOptions, inputs: tuple[str, str, str], side: str, concurrent: int, log=print) -> dict:
     from raycpt.tune.config import parse_sweep
-    from raycpt.tune.sweep import run_sweep
+    from raycpt.tune.sweep import num_trials, run_sweep
 
     tree = sweep_tree(o, *inputs, "full" if side == "warm-up" else side, concurrent)
     if side == "warm-up":
@@ -201,9 +221,9 @@ def run_side(o: TuneBenchOptions, inputs: tuple[str, str, str], side: str, concu
     timeline_dir = os.path.join(o.workdir, "timelines", side)
     shutil.rmtree(timeline_dir, ignore_errors=True)
     clock = TrialClock()
-    n_trials, steps = (1, o.eval_every) if side == "warm-up" else (o.trials, o.steps)
-    log(f"bench tune: {side} side ({tune.scheduler.kind}), {n_trials} trials of {steps} steps, "
-        f"{min(concurrent, n_trials)} at once")
+    n_trials = num_trials(tune, tune.evaluate_job_config)
+    log(f"bench tune: {side} side ({tune.scheduler.kind}), {n_trials} trials of "
+        f"{tune.max_steps_per_trial or job.train.max_steps} steps, {min(tune.max_concurrent_trials, n_trials)} at once")
     t0 = time.time()
     result = run_sweep(job, tune, loop_options={"timeline_dir": timeline_dir}, log=log, callbacks=[clock])
     wall = time.time() - t0
@@ -219,6 +239,7 @@ def run_side(o: TuneBenchOptions, inputs: tuple[str, str, str], side: str, concu
                           "mean": statistics.fmean(starts) if starts else None, "max": max(starts, default=None),
                           "n": len(starts)},
             "best": {"values": best["values"], "objective": best["objective"]} if best else None,
+            "rungs": rung_arrivals(timeline_dir, t0),
             "trials": [{k: t[k] for k in ("values", "objective", "steps", "status")} for t in result["trials"]],
             "uri": result["uri"]}
 
@@ -268,7 +289,8 @@ def format_report(r: dict[str, Any]) -> str:
     o = r["options"]
     unit = "GPU-s" if o["use_gpu"] else "CPU-s"
     packing = f", {o['trials_per_gpu']} a GPU" if o["use_gpu"] else f", {o['cpus_per_trial']:g} CPU each"
-    lines = [f"bench tune: {o['trials']} trials of {o['steps']} steps (seq {o['seq_len']}, global batch "
+    n_trials = max(len(s["trials"]) for s in r["sides"].values()) if r["sides"] else o["trials"]
+    lines = [f"bench tune: {n_trials} trials of {o['steps']} steps (seq {o['seq_len']}, global batch "
              f"{o['global_batch_size']}), {r['concurrent_trials']} at once{packing}",
              f"{'side':<7}{'scheduler':>11}{'trial-steps':>13}{unit:>10}{'wall':>8}{'starts':>8}"
              f"{'start-up med':>14}{'best objective':>16}"]
@@ -279,6 +301,11 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{s['gpu_seconds']:>10.0f}{s['wall_s']:>7.0f}s{s['trial_starts']:>8}"
                      f"{(f'{st:.1f}s' if st is not None else '-'):>14}"
                      f"{(f'{best:.4f}' if best is not None else '-'):>16}")
+    for name, s in r["sides"].items():
+        for step, g in (s.get("rungs") or {}).items():
+            let_on = f", the first let on at {g['first_let_on_s']:.0f}s" if g["first_let_on_s"] is not None else ""
+            lines.append(f"{name} rung at step {step}: {g['trials']} trials reached it {g['first_s']:.0f}s to "
+                         f"{g['last_s']:.0f}s after the side's start (spread {g['spread_s']:.0f}s){let_on}")
     if r.get("warm_up"):
         wu = r["warm_up"]
         st = wu["startup_s"]["median"]

@@ -124,6 +124,7 @@ def run_worker(config: dict[str, Any]) -> None:
         if window.due(step):
             metrics, step_times = window.report(step, loss_sum, accum, lr, grad_norm, w.device)
             w.say(progress_line(metrics))
+            w.timeline.mark("progress", step)
             mlog.train(metrics)
             hooks.write_metrics(w.rank, metrics, step_times, w.attempt)
             # Not to Ray Train: each of its reports is a barrier of all ranks, and it takes one per
@@ -147,8 +148,10 @@ def run_worker(config: dict[str, Any]) -> None:
             if stop_now:
                 stop.set("another worker's stop request")
             save(stop.reason or ("final" if step == job.train.max_steps else "rung" if at_rung else "interval"))
-        if rung_wait is not None:
+        if rung_wait is not None and at_rung:
+            w.timeline.mark("rung_reached", step)
             rung_wait.hold(step, w.rank, lambda: records.report(commit_now(checkpointer)), w.agree, w.say)
+            w.timeline.mark("rung_passed", step)
         if stop_now:
             records.report(commit_now(checkpointer))
             if stop.train_on():
