@@ -20,7 +20,7 @@ evaluation and a checkpoint) runs the same code path once, so that neither side 
 other filled: the node's compile cache (torchinductor's, for the chunked loss and, with
 `model.compile`, the model), the libraries and shards in the page cache. Without it the side that
 runs second starts its trials faster (measured: 52 s against 68 s at the median on one H200).
-Its own start-up is reported: what the first trial on a fresh node pays.
+Its own start-up is reported: on a new machine, what the first trial on a fresh node pays.
 """
 
 from __future__ import annotations
@@ -309,8 +309,9 @@ def format_report(r: dict[str, Any]) -> str:
     if r.get("warm_up"):
         wu = r["warm_up"]
         st = wu["startup_s"]["median"]
+        start_up = f"{st:.1f}s" if st is not None else "-"
         lines.append(f"warm-up (untimed, before the sides): one trial of {o['eval_every']} steps, wall "
-                     f"{wu['wall_s']:.0f}s, start-up {f'{st:.1f}s' if st is not None else '-'} (a fresh node's)")
+                     f"{wu['wall_s']:.0f}s, start-up {start_up} (the first trial on this node's caches)")
     if "share" in r:
         sh, w = r["share"], r["winner"]
         gap = f"{w['objective_gap'] * 100:.2f}%" if w["objective_gap"] is not None else "-"
