@@ -25,6 +25,7 @@ Its own start-up is reported: on a new machine, what the first trial on a fresh 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -157,7 +158,7 @@ def warm_up_tree(tree: dict, o: TuneBenchOptions) -> dict:
     """The sweep reduced to one fifo trial of one evaluation interval with the job's own values:
     every phase a timed trial goes through (start, step-0 evaluation, training, evaluation, save)
     once."""
-    tree = json.loads(json.dumps(tree))
+    tree = copy.deepcopy(tree)
     t = tree["tune"]
     t.update({"name": "bench-tune-warm-up", "evaluate_job_config": False, "search": "grid", "num_samples": 1,
               "max_concurrent_trials": 1, "max_steps_per_trial": o.eval_every,
@@ -209,21 +210,19 @@ def startup_seconds(timeline_dir: str) -> list[float]:
     return [first - start for start, first in startup_spans(timeline_dir)]
 
 
-def run_side(o: TuneBenchOptions, inputs: tuple[str, str, str], side: str, concurrent: int, log=print) -> dict:
+def run_side(o: TuneBenchOptions, tree: dict, side: str, log=print) -> dict:
     from raycpt.tune.config import parse_sweep
     from raycpt.tune.sweep import num_trials, run_sweep
 
-    tree = sweep_tree(o, *inputs, "full" if side == "warm-up" else side, concurrent)
-    if side == "warm-up":
-        tree = warm_up_tree(tree, o)
     job, tune = parse_sweep(tree, o.workdir)
     shutil.rmtree(os.path.join(job.run.storage, tune.name), ignore_errors=True)  # a bench never continues
     timeline_dir = os.path.join(o.workdir, "timelines", side)
     shutil.rmtree(timeline_dir, ignore_errors=True)
     clock = TrialClock()
     n_trials = num_trials(tune, tune.evaluate_job_config)
+    at_once = min(tune.max_concurrent_trials or n_trials, n_trials)
     log(f"bench tune: {side} side ({tune.scheduler.kind}), {n_trials} trials of "
-        f"{tune.max_steps_per_trial or job.train.max_steps} steps, {min(tune.max_concurrent_trials, n_trials)} at once")
+        f"{tune.max_steps_per_trial or job.train.max_steps} steps, {at_once} at once")
     t0 = time.time()
     result = run_sweep(job, tune, loop_options={"timeline_dir": timeline_dir}, log=log, callbacks=[clock])
     wall = time.time() - t0
@@ -273,8 +272,9 @@ def bench_tune(o: TuneBenchOptions, log=print) -> dict[str, Any]:
         raise ConfigError("--gpu: the local Ray has no GPU; run with --cpu")
     concurrent = o.trials_per_gpu * gpus if o.use_gpu else (o.max_concurrent or 2)
     inputs = prepare_inputs(o, log)
-    warm_up = run_side(o, inputs, "warm-up", concurrent, log) if o.warm_up else None
-    sides = {side: run_side(o, inputs, side, concurrent, log) for side in o.sides}
+    warm_up = run_side(o, warm_up_tree(sweep_tree(o, *inputs, "full", concurrent), o), "warm-up", log) \
+        if o.warm_up else None
+    sides = {side: run_side(o, sweep_tree(o, *inputs, side, concurrent), side, log) for side in o.sides}
     out: dict[str, Any] = {"options": asdict(o), "concurrent_trials": concurrent, "sides": sides,
                            "warm_up": warm_up}
     if "early" in sides and "full" in sides:
