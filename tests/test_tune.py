@@ -22,6 +22,7 @@ from raycpt import storage
 from raycpt.config import ConfigError, load_job, parse_job
 from raycpt.tune.config import ObjectiveSection, load_sweep, parse_sweep
 from raycpt.tune.objective import pareto_front, score, score_report
+from raycpt.tune.schedulers import rung_steps
 
 ROLES = {"code": "new", "english": "replay", "wiki": "replay"}
 
@@ -407,6 +408,54 @@ def test_a_rung_keeps_the_trials_on_course_for_the_budget():
     probe_up_3 = {"german": 2.0, "probe": base["probe"] * 1.03}
     assert score(probe_up_3, base, roles, pen, progress=1.0).penalty == 0
     assert score(probe_up_3, base, roles, pen, progress=0.25).penalty == pytest.approx(10 * (0.03 - 0.015))
+
+
+# The compiled 1000-step sweep on one H200 (docs/deploying.md, section 10): (german loss, worst
+# relative forgetting over english, pydoc and code) at steps 50, 250 and 1000 of the full side,
+# and at step 250 the early side's own three survivors.
+H200_GRID_1000 = {
+    "1e-4/0": [(2.0841, -0.0215), (1.5805, 0.0474), (1.3343, 0.1877)],
+    "1e-4/.1": [(2.0975, -0.0311), (1.6336, 0.0155), (1.3284, 0.0774)],
+    "1e-4/.3": [(2.1445, -0.0336), (1.7526, -0.0002), (1.3693, 0.0982)],
+    "3e-4/0": [(1.8723, 0.0106), (1.4027, 0.1991), (1.2330, 0.4266)],
+    "3e-4/.1": [(1.8910, -0.0087), (1.4739, 0.0966), (1.2223, 0.2197)],
+    "3e-4/.3": [(1.9436, -0.0065), (1.6290, 0.0933), (1.2289, 0.2769)],
+    "9e-4/0": [(1.7682, 0.1089), (1.3378, 0.6777), (1.2416, 1.0975)],
+    "9e-4/.1": [(1.7839, 0.0709), (1.4038, 0.3435), (1.2080, 0.4902)],
+    "9e-4/.3": [(1.8583, 0.0772), (1.6082, 0.3609), (1.1809, 0.6606)],
+}
+H200_EARLY_250 = {"3e-4/0": (1.4038, 0.2002), "3e-4/.1": (1.4733, 0.0942), "3e-4/.3": (1.6293, 0.0958)}
+
+
+def test_the_1000_step_rungs_on_the_measured_trajectories():
+    """Factor 4, rungs at 50 and 250, a 25% budget pro rata. Step 50 keeps the three 3e-4 trials
+    (within their 1.25%, ahead on the German loss); at step 250 all three are over their 6.25%
+    and rank by excess, where 0.1 and 0.3 replay are a near tie that the two sides' runs broke
+    opposite ways: the early side's numbers kept 3e-4/0.1, the full grid's best; the full side's
+    own would have kept 3e-4/0.3, which ends over the budget."""
+    roles = {"german": "new", "probe": "probe"}
+    base = {"german": 3.2033, "probe": 1.0}
+    cfg = ObjectiveSection(forgetting_budget=0.25, relative=True)
+
+    def scored(points: dict[str, tuple[float, float]], step: int):
+        return {name: score({"german": loss, "probe": 1.0 + forgot}, base, roles, cfg, progress=step / 1000)
+                for name, (loss, forgot) in points.items()}
+
+    def ranked(points: dict[str, tuple[float, float]], step: int) -> list[str]:
+        s = scored(points, step)
+        return sorted(s, key=lambda n: s[n].objective)
+
+    assert rung_steps(50, 4, 1000, 50) == [50, 250]
+    at_50 = {n: p[0] for n, p in H200_GRID_1000.items()}
+    assert set(ranked(at_50, 50)[:3]) == {"3e-4/0", "3e-4/.1", "3e-4/.3"}
+    survivors = {n: H200_GRID_1000[n][1] for n in ("3e-4/0", "3e-4/.1", "3e-4/.3")}
+    assert not any(s.within_budget for s in scored(survivors, 250).values())
+    assert ranked(H200_EARLY_250, 250)[0] == "3e-4/.1"
+    assert ranked(survivors, 250)[0] == "3e-4/.3"
+    at_end = scored({n: p[2] for n, p in H200_GRID_1000.items()}, 1000)
+    assert {n for n, s in at_end.items() if s.within_budget} == {"1e-4/0", "1e-4/.1", "1e-4/.3", "3e-4/.1"}
+    assert min(at_end, key=lambda n: at_end[n].objective) == "3e-4/.1"
+    assert not at_end["3e-4/.3"].within_budget
 
 
 def test_budget_table_best_yaml_and_pareto_png(tmp_path):
