@@ -100,6 +100,35 @@ def _tree(tmp_path, scaling=None, **tune):
     return tree
 
 
+def test_the_shipped_one_gpu_sweep_is_the_measured_bench_sweep(tmp_path):
+    """jobs/sweep-smollm2-one-gpu.yaml is the sweep that `raycpt bench tune` ran on the H200
+    (docs/deploying.md, section 10): the same job and tune sections, paths aside."""
+    from pathlib import Path
+
+    from raycpt.bench.tune import TuneBenchOptions, sweep_tree
+    from raycpt.tune.config import load_sweep
+
+    shipped_job, shipped = load_sweep(Path(__file__).resolve().parents[1] / "jobs" / "sweep-smollm2-one-gpu.yaml")
+    s = "/data/raycpt/shards"
+    overrides = [
+        "model.compile=true", "tune.evaluate_job_config=false", "tune.search=grid",
+        "tune.space={optim.peak_lr: {grid: [1.0e-4, 3.0e-4, 9.0e-4]}, data.replay_ratio: {grid: [0.0, 0.1, 0.3]}}",
+        f"data.sources=[{{name: german, path: {s}/german, role: new}}, "
+        f"{{name: english, path: {s}/english, role: replay}}]",
+        f"eval.probes=[{{name: pydoc, path: {s}/probe-pydoc}}, {{name: code, path: {s}/probe-code}}]",
+        "tune.objective={forgetting_budget: 0.25, relative: true, over: [probes, replay]}",
+        "scaling.cpus_per_worker=0.5", "data.reader_cpus=0.1", "tune.trial_driver_resources={CPU: 0.05}"]
+    o = TuneBenchOptions(workdir=str(tmp_path), trials=2, trials_per_gpu=9, steps=1000, eval_every=50, grace_steps=50,
+                         reduction_factor=4, micro_batch_size=8, eval_rows=48, overrides=overrides)
+    bench_job, bench = parse_sweep(sweep_tree(o, "/data/models/smollm2-135m", "", "", "early", 9), tmp_path)
+    assert shipped.gpus_per_trial == pytest.approx(bench.gpus_per_trial, abs=1e-4)
+    for section in ("space", "search", "num_samples", "evaluate_job_config", "scheduler", "objective",
+                    "trial_driver_resources"):
+        assert getattr(shipped, section) == getattr(bench, section), section
+    for section in ("model", "data", "train", "optim", "scaling", "eval"):
+        assert getattr(shipped_job, section) == getattr(bench_job, section), section
+
+
 def test_share_and_search_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_sweep(_tree(tmp_path, gpus_per_trial=0.25, search="grid"), tmp_path)
