@@ -378,7 +378,7 @@ def test_a_rung_keeps_the_trials_on_course_for_the_budget():
     """At step 25 of 300 the 3e-4 trials had forgotten 1-3% (within a 5% budget) and learnt
     faster than the 1e-4 ones, which alone end within it. Held to the whole budget, the rung kept
     the three 3e-4 trials and the sweep ended with no trial within the budget (the H200 run);
-    pro rata (5% x 25/300) it keeps the 1e-4 trials, and step 100 promotes the full run's winner."""
+    held to a share of it (pro rata or its square root) step 100 promotes the full run's winner."""
     roles = {"german": "new", "probe": "probe"}
     base = {"german": 2.927, "probe": 2.177}
 
@@ -390,24 +390,31 @@ def test_a_rung_keeps_the_trials_on_course_for_the_budget():
                                     progress=step / 300).objective
         return sorted(objective, key=objective.get)
 
-    pro_rata = ObjectiveSection(forgetting_budget=0.05, relative=True)
-    assert pro_rata.early_budget == "pro_rata"
-    whole = pro_rata.model_copy(update={"early_budget": "full"})
+    sqrt = ObjectiveSection(forgetting_budget=0.05, relative=True)
+    assert sqrt.early_budget == "sqrt"
+    pro_rata = sqrt.model_copy(update={"early_budget": "pro_rata"})
+    whole = sqrt.model_copy(update={"early_budget": "full"})
     assert set(ranked(25, 0, whole)[:3]) == {"3e-4/0", "3e-4/.1", "3e-4/.3"}
     assert set(ranked(25, 0, pro_rata)[:3]) == {"1e-4/0", "1e-4/.1", "1e-4/.3"}
     assert ranked(100, 1, pro_rata)[0] == "1e-4/0"
-    assert ranked(300, 2, pro_rata)[0] == ranked(300, 2, whole)[0] == "1e-4/0"  # the last step: the whole budget
-    # Every trial that ends within the budget was within its pro-rata share at every rung.
-    for step, at in ((25, 0), (100, 1), (300, 2)):
-        for name in ("1e-4/0", "1e-4/.1", "1e-4/.3"):
-            loss, forgot = H200_GRID[name][at]
-            s = score({"german": loss, "probe": base["probe"] * (1 + forgot)}, base, roles, pro_rata, step / 300)
-            assert s.within_budget, (name, step)
-    # The penalty form pro-rates its tolerance the same way.
+    # The square root (1.44% at step 25) also lets 3e-4/0.1 (+1.2%) on; step 100 (2.89%) stops it (+7.5%).
+    assert set(ranked(25, 0, sqrt)[:3]) == {"3e-4/.1", "1e-4/0", "1e-4/.1"}
+    assert ranked(100, 1, sqrt)[0] == "1e-4/0"
+    assert ranked(300, 2, sqrt)[0] == ranked(300, 2, whole)[0] == "1e-4/0"  # the last step: the whole budget
+    # Every trial that ends within the budget was within its share at every rung.
+    for cfg in (pro_rata, sqrt):
+        for step, at in ((25, 0), (100, 1), (300, 2)):
+            for name in ("1e-4/0", "1e-4/.1", "1e-4/.3"):
+                loss, forgot = H200_GRID[name][at]
+                s = score({"german": loss, "probe": base["probe"] * (1 + forgot)}, base, roles, cfg, step / 300)
+                assert s.within_budget, (cfg.early_budget, name, step)
+    # The penalty form shares out its tolerance the same way (0.06 x sqrt(1/16) = 0.06 x 1/4).
     pen = ObjectiveSection(forgetting_tolerance=0.06, forgetting_penalty=10.0, relative=True)
     probe_up_3 = {"german": 2.0, "probe": base["probe"] * 1.03}
     assert score(probe_up_3, base, roles, pen, progress=1.0).penalty == 0
-    assert score(probe_up_3, base, roles, pen, progress=0.25).penalty == pytest.approx(10 * (0.03 - 0.015))
+    assert score(probe_up_3, base, roles, pen, progress=1 / 16).penalty == pytest.approx(10 * (0.03 - 0.015))
+    pen_pro_rata = pen.model_copy(update={"early_budget": "pro_rata"})
+    assert score(probe_up_3, base, roles, pen_pro_rata, progress=0.25).penalty == pytest.approx(10 * (0.03 - 0.015))
 
 
 # The compiled 1000-step sweep on one H200 (docs/deploying.md, section 10): (german loss, worst
@@ -428,31 +435,38 @@ H200_EARLY_250 = {"3e-4/0": (1.4038, 0.2002), "3e-4/.1": (1.4733, 0.0942), "3e-4
 
 
 def test_the_1000_step_rungs_on_the_measured_trajectories():
-    """Factor 4, rungs at 50 and 250, a 25% budget pro rata. Step 50 keeps the three 3e-4 trials
-    (within their 1.25%, ahead on the German loss); at step 250 all three are over their 6.25%
+    """Factor 4, rungs at 50 and 250, a 25% budget. Step 50 keeps the three 3e-4 trials (within
+    their share, ahead on the German loss). Pro rata, all three are over their 6.25% at step 250
     and rank by excess, where 0.1 and 0.3 replay are a near tie that the two sides' runs broke
-    opposite ways: the early side's numbers kept 3e-4/0.1, the full grid's best; the full side's
-    own would have kept 3e-4/0.3, which ends over the budget."""
+    opposite ways: the early side's numbers kept 3e-4/0.1, the full grid's best (the H200 run);
+    the full side's own would have kept 3e-4/0.3, which ends over the budget. Under the square
+    root (12.5% at step 250) both are within, and the German loss keeps 3e-4/0.1 on either."""
     roles = {"german": "new", "probe": "probe"}
     base = {"german": 3.2033, "probe": 1.0}
-    cfg = ObjectiveSection(forgetting_budget=0.25, relative=True)
+    sqrt = ObjectiveSection(forgetting_budget=0.25, relative=True)
+    pro_rata = sqrt.model_copy(update={"early_budget": "pro_rata"})
 
-    def scored(points: dict[str, tuple[float, float]], step: int):
+    def scored(points: dict[str, tuple[float, float]], step: int, cfg: ObjectiveSection):
         return {name: score({"german": loss, "probe": 1.0 + forgot}, base, roles, cfg, progress=step / 1000)
                 for name, (loss, forgot) in points.items()}
 
-    def ranked(points: dict[str, tuple[float, float]], step: int) -> list[str]:
-        s = scored(points, step)
+    def ranked(points: dict[str, tuple[float, float]], step: int, cfg: ObjectiveSection) -> list[str]:
+        s = scored(points, step, cfg)
         return sorted(s, key=lambda n: s[n].objective)
 
     assert rung_steps(50, 4, 1000, 50) == [50, 250]
     at_50 = {n: p[0] for n, p in H200_GRID_1000.items()}
-    assert set(ranked(at_50, 50)[:3]) == {"3e-4/0", "3e-4/.1", "3e-4/.3"}
     survivors = {n: H200_GRID_1000[n][1] for n in ("3e-4/0", "3e-4/.1", "3e-4/.3")}
-    assert not any(s.within_budget for s in scored(survivors, 250).values())
-    assert ranked(H200_EARLY_250, 250)[0] == "3e-4/.1"
-    assert ranked(survivors, 250)[0] == "3e-4/.3"
-    at_end = scored({n: p[2] for n, p in H200_GRID_1000.items()}, 1000)
+    for cfg in (pro_rata, sqrt):
+        assert set(ranked(at_50, 50, cfg)[:3]) == set(survivors), cfg.early_budget
+    assert not any(s.within_budget for s in scored(survivors, 250, pro_rata).values())
+    assert ranked(H200_EARLY_250, 250, pro_rata)[0] == "3e-4/.1"
+    assert ranked(survivors, 250, pro_rata)[0] == "3e-4/.3"
+    for points in (survivors, H200_EARLY_250):
+        s = scored(points, 250, sqrt)
+        assert s["3e-4/.1"].within_budget and s["3e-4/.3"].within_budget and not s["3e-4/0"].within_budget
+        assert ranked(points, 250, sqrt)[0] == "3e-4/.1"
+    at_end = scored({n: p[2] for n, p in H200_GRID_1000.items()}, 1000, sqrt)
     assert {n for n, s in at_end.items() if s.within_budget} == {"1e-4/0", "1e-4/.1", "1e-4/.3", "3e-4/.1"}
     assert min(at_end, key=lambda n: at_end[n].objective) == "3e-4/.1"
     assert not at_end["3e-4/.3"].within_budget

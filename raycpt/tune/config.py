@@ -134,12 +134,14 @@ class ObjectiveSection(_Section):
         "(0: optimise the new domain alone).")
     forgetting: Literal["max", "mean"] = Field(
         "max", description="How several sets combine: the worst one, or their mean.")
-    early_budget: Literal["pro_rata", "full"] = Field(
-        "pro_rata", description="What forgetting a trial may show before its last step (the budget of "
-        "kind budget, the tolerance of kind penalty). pro_rata: that allowance x steps trained / the "
-        "trial's max steps, so a rung keeps trials on course to end within it (forgetting grows as a "
-        "trial trains; judged against the whole budget, an early rung prefers the fast learners that "
-        "forget later). full: the whole allowance at every step.")
+    early_budget: Literal["sqrt", "pro_rata", "full"] = Field(
+        "sqrt", description="What forgetting a trial may show before its last step (the budget of "
+        "kind budget, the tolerance of kind penalty), as a share of that allowance growing with the "
+        "fraction of the trial's max steps trained: sqrt (that fraction's square root), pro_rata (the "
+        "fraction itself) or full (the whole allowance at every step). Forgetting grows as a trial "
+        "trains, so a rung judged against the whole budget prefers the fast learners that forget "
+        "later; it grows fastest early, so a pro-rata share puts every survivor over it at a late rung, "
+        "where they rank by excess alone (docs/deploying.md, section 10: measured on two grids).")
 
     @model_validator(mode="after")
     def _kind(self) -> "ObjectiveSection":

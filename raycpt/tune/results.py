@@ -228,8 +228,9 @@ def objective_text(o: ObjectiveSection) -> str:
     unit = "relative to step 0" if o.relative else "in nats"
     how = "the worst of" if o.forgetting == "max" else "the mean over"
     sets = " and ".join("probes" if x == "probes" else "replay sources" for x in o.over)
-    early = ("; before its last step a trial is held to that x steps trained / max steps (early_budget: pro_rata)"
-             if o.early_budget == "pro_rata" else "")
+    share = {"sqrt": "sqrt(steps trained / max steps)", "pro_rata": "steps trained / max steps"}.get(o.early_budget)
+    early = (f"; before its last step a trial is held to that x {share} (early_budget: {o.early_budget})"
+             if share else "")
     if o.kind == "budget":
         limit = f"{100 * o.forgetting_budget:.1f}%" if o.relative else f"{o.forgetting_budget:g} nats"
         return (f"objective: minimise new-domain loss subject to forgetting ({how} {sets}, {unit}) <= {limit}; "
