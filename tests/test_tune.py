@@ -489,6 +489,7 @@ def test_budget_table_best_yaml_and_pareto_png(tmp_path):
     assert "forgot english" in head and "forgot wiki" in head and "worst" in head and "budget" in head
     assert "+2.5%" in text and "within" in text and "over" in text
     assert "best: trial C" in text and "subject to forgetting" in text
+    assert "held to that x sqrt(steps trained / max steps) (early_budget: sqrt)" in text
     write_results(summary, job, tune)
     best = yaml.safe_load(storage.read_bytes(f"{uri}/best.yaml").decode())
     assert best["model"]["lora"]["rank"] == 8 and best["optim"]["peak_lr"] == 5e-4

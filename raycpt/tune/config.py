@@ -140,8 +140,9 @@ class ObjectiveSection(_Section):
         "fraction of the trial's max steps trained: sqrt (that fraction's square root), pro_rata (the "
         "fraction itself) or full (the whole allowance at every step). Forgetting grows as a trial "
         "trains, so a rung judged against the whole budget prefers the fast learners that forget "
-        "later; it grows fastest early, so a pro-rata share puts every survivor over it at a late rung, "
-        "where they rank by excess alone (docs/deploying.md, section 10: measured on two grids).")
+        "later; it can grow fastest early, and then a pro-rata share puts every survivor of a late rung "
+        "over it, ranked by their excess alone (docs/deploying.md, section 10: two measured grids, "
+        "the rule replayed on them).")
 
     @model_validator(mode="after")
     def _kind(self) -> "ObjectiveSection":

@@ -25,12 +25,13 @@ Before a trial's last step the budget (or tolerance) grows with the fraction of 
 (`pro_rata`) or the whole budget (`full`). Forgetting grows while a trial trains (SmolLM2-135M at
 peak LR 3e-4: +2% of the probes' loss at step 25 of 300, +8% at 100, +11% at 300), so a rung that
 held early evaluations to the whole budget kept the fast learners that end over it and stopped the
-only trials that end within it. It grows fastest early (3e-4 over 1000 steps: +9.7% at step 250,
-+22% at the end), so at a late rung a pro-rata share left every survivor over it, ranked by excess
-alone: a few tenths of a point decided between the one that ends within a 25% budget and one that
-ends over, whose German losses differed by 10%. The square root kept both within their share
-there, so the loss decided; on both measured grids it keeps the full grid's winner
-(tests/test_tune.py).
+only trials that end within it. It can grow fastest early (3e-4 with 0.1 replay over 1000 steps,
+the full side of the H200 run: +9.7% at step 250, +22% at the end), and at that run's last rung a
+pro-rata share left every survivor over it, ranked by excess alone: a few tenths of a point
+decided between the one that ends within a 25% budget and one that ends over, whose German losses
+at that step differed by 10%. Replayed on the measured trajectories, the square root keeps both
+within their share there, so the loss decides; on both measured grids it keeps the full grid's
+winner (tests/test_tune.py). Not yet rerun on a GPU.
 
 Step 0 is the base model for every trial of a sweep, so forgetting compares alike across trials.
 """
