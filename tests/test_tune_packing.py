@@ -102,7 +102,9 @@ def _tree(tmp_path, scaling=None, **tune):
 
 def test_the_shipped_one_gpu_sweep_is_the_measured_bench_sweep(tmp_path):
     """jobs/sweep-smollm2-one-gpu.yaml is the sweep that `raycpt bench tune` ran on the H200
-    (docs/deploying.md, section 10): the same job and tune sections, paths aside."""
+    (docs/deploying.md, section 10): the same job and tune sections, paths aside, under today's
+    defaults (the run had early_budget pro_rata) and with `search: grid` spelled out (the bench's
+    random search enumerates the same nine grid points)."""
     from pathlib import Path
 
     from raycpt.bench.tune import TuneBenchOptions, sweep_tree
